@@ -1,0 +1,251 @@
+"""Building blocks shared by BiFormer and DeBiFormer (NHWC throughout).
+
+Parameter names and layouts are chosen so that `biformer_jax.convert` maps them to the
+official PyTorch names by rule: a Dense kernel is the transposed `Linear.weight`, a Conv
+kernel (kh, kw, in/groups, out) is the permuted `Conv2d.weight` (out, in/groups, kh, kw),
+and BatchNorm keeps PyTorch's running statistics and `num_batches_tracked` counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# timm's trunc_normal_(std=.02), the official init for every Linear weight.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+# PyTorch's default Conv2d init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def fan_in_uniform_bias(fan_in: int) -> Initializer:
+    """PyTorch's default Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation."""
+    return nn.gelu(x, approximate=False)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=dense_init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def conv2d(
+    features: int,
+    kernel_size: int,
+    in_features: int,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    stride: int = 1,
+    padding: int = 0,
+) -> nn.Conv:
+    """`nn.Conv2d(in, out, k, stride, padding)` on NHWC input, with PyTorch's default init."""
+    pad = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=pad,
+        kernel_init=conv_init,
+        bias_init=fan_in_uniform_bias(in_features * kernel_size * kernel_size),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def resolve_dwconv_impl(impl: str) -> str:
+    """'auto' picks shifted sums on CPU (XLA:CPU's grouped conv is ~70x slower, NOTES.md)."""
+    if impl == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("conv", "shift"):
+        raise ValueError(f"dwconv_impl={impl!r} is not one of 'auto', 'conv', 'shift'.")
+    return impl
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "auto") -> jax.Array:
+    """Stride-1 depthwise convolution. x: (N, H, W, C); kernel: (kh, kw, 1, C)."""
+    kh, kw = kernel.shape[:2]
+    if resolve_dwconv_impl(impl) == "conv":
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((padding, padding), (padding, padding)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
+    # Sum of kh*kw shifted, weighted slices of the padded input: XLA fuses it into one loop.
+    n, h, w, c = x.shape
+    out_h, out_w = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i : i + out_h, j : j + out_w, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv2d(nn.Module):
+    """`nn.Conv2d(dim, dim, k, padding=p, groups=dim)` on NHWC input.
+
+    `impl` chooses between XLA's grouped convolution ('conv') and a sum of shifted slices
+    ('shift'); both compute the same function, 'auto' picks by backend.
+    """
+
+    kernel_size: int
+    padding: Optional[int] = None  # default: kernel_size // 2 ("same")
+    use_bias: bool = True
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, k = x.shape[-1], self.kernel_size
+        pad = k // 2 if self.padding is None else self.padding
+        kernel = self.param("kernel", conv_init, (k, k, 1, c), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = depthwise_conv(x, kernel, pad, self.impl)
+        if self.use_bias:
+            bias = self.param("bias", fan_in_uniform_bias(k * k), (c,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm2d` with PyTorch semantics on NHWC input.
+
+    Train mode normalises with the biased batch variance over (N, H, W) and, when the
+    `batch_stats` collection is mutable, updates the running statistics with momentum
+    0.1 and the unbiased variance, and counts `num_batches_tracked`. Under `jax.jit` over a
+    mesh the batch mean is a global reduction, so this is synchronised BatchNorm.
+    Statistics are always computed in float32.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * unbiased
+                count.value = count.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        y = (x32 - mean) * inv + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath), drawn from the 'drop_path' rng."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        rng = self.make_rng("drop_path")
+        mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class ConvMlp(nn.Module):
+    """The official block MLP: Linear -> (3x3 depthwise conv) -> GELU -> Linear.
+
+    Submodules are named after the official `nn.Sequential` indices (0, 1.dwconv, 3).
+    """
+
+    hidden: int
+    out: int
+    dwconv: bool = False
+    dwconv_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.hidden, "0", self.dtype, self.param_dtype)(x)
+        if self.dwconv:
+            x = DWConvWrapper(self.dwconv_impl, self.dtype, self.param_dtype, name="1")(x)
+        x = gelu(x)
+        return dense(self.out, "3", self.dtype, self.param_dtype)(x)
+
+
+class DWConvWrapper(nn.Module):
+    """The official `DWConv` (a module holding `dwconv`, 3x3 depthwise)."""
+
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return DepthwiseConv2d(3, impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x)
+
+
+def check_nhwc_input(x: jax.Array, in_chans: int, model: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{model} expects a 4-D NHWC batch (N, H, W, {in_chans}), got shape {tuple(x.shape)}.")
+    if x.shape[-1] != in_chans:
+        hint = " It looks like NCHW: transpose with x.transpose(0, 2, 3, 1)." if x.shape[1] == in_chans else ""
+        raise ValueError(
+            f"{model} was built with in_chans={in_chans} but the input has {x.shape[-1]} channels "
+            f"(shape {tuple(x.shape)}, NHWC expected).{hint} Pass in_chans={x.shape[-1]} to "
+            "create_model to build it for this input."
+        )
+
+
+def per_stage(values: Sequence[Any], name: str) -> list:
+    values = list(values)
+    if len(values) != 4:
+        raise ValueError(f"{name} must have one entry per stage (4), got {values!r}.")
+    return values

@@ -1,0 +1,261 @@
+"""Bi-Level Routing Attention (BiFormer, Zhu et al., CVPR 2023), NHWC.
+
+Ported from rayleizhu/BiFormer `ops/bra_legacy.py` (commit 1697bbb): the feature map is cut
+into n_win x n_win regions; region-level queries and keys (token means) pick, per query
+region, the `topk` most related regions (`jax.lax.top_k`); tokens then attend to the
+tokens of those regions only (`jnp.take_along_axis` on the region axis). A depthwise conv
+on V (LePE) is added to the output. Kept from the official code on purpose: the scale is
+`qk_dim ** -0.5` over the whole qk width, and with auto_pad the zero-padded tokens are
+projected (so carry the qkv bias) and take part in routing and attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from biformer_jax.models.layers import DepthwiseConv2d, Dtype, dense
+from biformer_jax.ops.routed_attention import routed_attention
+
+KV_DOWNSAMPLE_MODES = ("ada_avgpool", "ada_maxpool", "maxpool", "avgpool", "identity")
+
+
+def _adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
+    # PyTorch's AdaptiveXxxPool2d bins: [floor(i*size/out), ceil((i+1)*size/out)).
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def _pool(x: jax.Array, reduce: str) -> jax.Array:
+    return jnp.max(x, axis=(-3, -2)) if reduce == "max" else jnp.mean(x, axis=(-3, -2))
+
+
+def adaptive_pool(x: jax.Array, out: int, reduce: str) -> jax.Array:
+    """AdaptiveAvg/MaxPool2d(out) over axes (-3, -2) of (..., h, w, C)."""
+    h, w = x.shape[-3], x.shape[-2]
+    if h % out == 0 and w % out == 0:
+        return window_pool(x, h // out, w // out, reduce)
+    rows = []
+    for hs, he in _adaptive_bounds(h, out):
+        cols = [_pool(x[..., hs:he, ws:we, :], reduce) for ws, we in _adaptive_bounds(w, out)]
+        rows.append(jnp.stack(cols, axis=-2))  # (..., out, C)
+    return jnp.stack(rows, axis=-3)  # (..., out, out, C)
+
+
+def window_pool(x: jax.Array, kh: int, kw: int, reduce: str) -> jax.Array:
+    """Max/AvgPool2d(kernel=stride=(kh, kw), floor mode) over axes (-3, -2) of (..., h, w, C)."""
+    *lead, h, w, c = x.shape
+    oh, ow = h // kh, w // kw
+    x = x[..., : oh * kh, : ow * kw, :].reshape(*lead, oh, kh, ow, kw, c)  # (..., oh, kh, ow, kw, C)
+    return jnp.max(x, axis=(-4, -2)) if reduce == "max" else jnp.mean(x, axis=(-4, -2))
+
+
+def kv_downsample(x: jax.Array, mode: str, kv_per_win: int, ratio: int) -> jax.Array:
+    """The official `kv_down`, applied within each region. x: (N, P, h, w, C)."""
+    if mode == "identity":
+        return x
+    if mode in ("ada_avgpool", "ada_maxpool"):
+        return adaptive_pool(x, kv_per_win, "max" if mode == "ada_maxpool" else "avg")
+    if ratio <= 1:  # the official code uses nn.Identity for ratio 1
+        return x
+    return window_pool(x, ratio, ratio, "max" if mode == "maxpool" else "avg")
+
+
+def check_bra_config(dim, qk_dim, num_heads, n_win, topk, kv_downsample_mode, kv_per_win, kv_downsample_ratio):
+    if num_heads <= 0 or qk_dim % num_heads or dim % num_heads:
+        raise ValueError(
+            f"Bi-level routing attention needs qk_dim ({qk_dim}) and dim ({dim}) divisible by "
+            f"num_heads ({num_heads}); num_heads is qk_dim // head_dim, so choose head_dim dividing "
+            "both widths."
+        )
+    if n_win <= 0:
+        raise ValueError(f"n_win must be positive, got {n_win}.")
+    if topk > n_win * n_win:
+        raise ValueError(
+            f"topk={topk} routes to more regions than the {n_win}x{n_win}={n_win * n_win} there are; "
+            f"use topk <= {n_win * n_win} or a larger n_win."
+        )
+    if kv_downsample_mode not in KV_DOWNSAMPLE_MODES:
+        extra = (
+            " (the official code raises NotImplementedError for it too)"
+            if kv_downsample_mode in ("fracpool", "conv")
+            else ""
+        )
+        raise ValueError(
+            f"kv_downsample_mode={kv_downsample_mode!r} is not supported{extra}; use one of {KV_DOWNSAMPLE_MODES}."
+        )
+    if kv_downsample_mode.startswith("ada_") and (kv_per_win is None or kv_per_win <= 0):
+        raise ValueError(
+            f"kv_downsample_mode={kv_downsample_mode!r} needs kv_per_wins > 0 for every routed stage, got {kv_per_win}."
+        )
+    if kv_downsample_mode in ("avgpool", "maxpool") and (kv_downsample_ratio is None or kv_downsample_ratio < 1):
+        raise ValueError(
+            f"kv_downsample_mode={kv_downsample_mode!r} needs kv_downsample_ratios >= 1, got {kv_downsample_ratio}."
+        )
+
+
+class TopkRouting(nn.Module):
+    """Region-to-region routing: scores (N, P, P), keeps the top k per query region.
+
+    Records the picked indices with `sow('intermediates', 'route', ...)`, shape (N, P, k).
+    """
+
+    qk_dim: int
+    topk: int
+    scale: float
+    param_routing: bool = False
+    diff_routing: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_win: jax.Array, k_win: jax.Array):
+        if not self.diff_routing:
+            q_win, k_win = jax.lax.stop_gradient(q_win), jax.lax.stop_gradient(k_win)
+        if self.param_routing:
+            emb = dense(self.qk_dim, "emb", self.dtype, self.param_dtype)
+            q_win, k_win = emb(q_win), emb(k_win)
+        logits = jnp.einsum("npc,nqc->npq", q_win * self.scale, k_win, preferred_element_type=jnp.float32)  # (N, P, P)
+        top_logits, r_idx = jax.lax.top_k(logits, self.topk)  # (N, P, k), (N, P, k)
+        r_weight = jax.nn.softmax(top_logits, axis=-1)  # (N, P, k)
+        self.sow("intermediates", "route", r_idx)
+        return r_weight, r_idx
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """BRA on an NHWC map. Submodule names follow the official module for conversion."""
+
+    dim: int
+    num_heads: int = 8
+    n_win: int = 7
+    qk_dim: Optional[int] = None
+    qk_scale: Optional[float] = None
+    kv_per_win: int = 4
+    kv_downsample_ratio: int = 4
+    kv_downsample_mode: str = "identity"
+    topk: int = 4
+    param_attention: str = "qkvo"
+    param_routing: bool = False
+    diff_routing: bool = False
+    soft_routing: bool = False
+    side_dwconv: int = 3
+    auto_pad: bool = False
+    attn_impl: str = "gather"
+    dwconv_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def _qk_dim(self) -> int:
+        return self.qk_dim or self.dim
+
+    def setup(self):
+        qk = self._qk_dim
+        check_bra_config(
+            self.dim,
+            qk,
+            self.num_heads,
+            self.n_win,
+            self.topk,
+            self.kv_downsample_mode,
+            self.kv_per_win,
+            self.kv_downsample_ratio,
+        )
+        if self.param_routing and not self.diff_routing:
+            raise ValueError("param_routing=True needs diff_routing=True (as in the official code).")
+        if self.diff_routing and not self.soft_routing:
+            raise ValueError(
+                "diff_routing=True without soft_routing is 'hard differentiable routing', which the "
+                "official code leaves unimplemented; set soft_routing=True as well."
+            )
+        if self.param_attention not in ("qkvo", "qkv"):
+            raise ValueError(f"param_attention={self.param_attention!r} is not one of 'qkvo', 'qkv'.")
+        self.qkv = _QKVLinear(self.dim, qk, self.dtype, self.param_dtype)
+        self.wo = dense(self.dim, "wo", self.dtype, self.param_dtype) if self.param_attention == "qkvo" else None
+        self.lepe = (
+            DepthwiseConv2d(self.side_dwconv, impl=self.dwconv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+            if self.side_dwconv > 0
+            else None
+        )
+        self.router = TopkRouting(
+            qk,
+            self.topk,
+            self.qk_scale or qk**-0.5,
+            self.param_routing,
+            self.diff_routing,
+            self.dtype,
+            self.param_dtype,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h_in, w_in, c = x.shape
+        p, qk = self.n_win, self._qk_dim
+        pad_b, pad_r = (-h_in) % p, (-w_in) % p
+        if pad_b or pad_r:
+            if not self.auto_pad:
+                raise ValueError(
+                    f"Bi-level routing attention got a {h_in}x{w_in} feature map, which n_win={p} does "
+                    f"not divide; pass auto_pad=True to pad it (as for dense prediction), or feed "
+                    f"images whose side is a multiple of 32 * n_win = {32 * p}."
+                )
+            x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
+        _, hh, ww, _ = x.shape
+        h, w = hh // p, ww // p  # region size in tokens
+
+        q, kv = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        q_reg = to_regions(q, p)  # (N, P, h, w, Cqk)
+        kv_reg = to_regions(kv, p)  # (N, P, h, w, Cqk + C)
+        kv_pix = kv_downsample(kv_reg, self.kv_downsample_mode, self.kv_per_win, self.kv_downsample_ratio)
+        kv_pix = kv_pix.reshape(n, p * p, -1, qk + c)  # (N, P, hk*wk, Cqk + C)
+        q_pix = q_reg.reshape(n, p * p, h * w, qk)  # (N, P, h*w, Cqk)
+
+        q_win = q_reg.mean(axis=(2, 3))  # (N, P, Cqk)
+        k_win = kv_reg[..., :qk].mean(axis=(2, 3))  # (N, P, Cqk)
+        r_weight, r_idx = self.router(q_win, k_win)  # (N, P, k) each
+
+        out = routed_attention(
+            q_pix,
+            kv_pix,
+            r_idx,
+            r_weight if self.soft_routing else None,
+            num_heads=self.num_heads,
+            scale=self.qk_scale or qk**-0.5,
+            impl=self.attn_impl,
+        )  # (N, P, h*w, C)
+        out = from_regions(out.reshape(n, p * p, h, w, c), p)  # (N, H, W, C)
+        if self.lepe is not None:
+            out = out + self.lepe(kv[..., qk:])
+        if self.wo is not None:
+            out = self.wo(out)
+        return out[:, :h_in, :w_in, :]
+
+
+class _QKVLinear(nn.Module):
+    """The official `QKVLinear`: one Linear to (q, kv), held as `qkv.qkv`."""
+
+    dim: int
+    qk_dim: int
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        y = dense(2 * self.qk_dim + self.dim, "qkv", self.dtype, self.param_dtype)(x)
+        return y[..., : self.qk_dim], y[..., self.qk_dim :]
+
+
+def to_regions(x: jax.Array, p: int) -> jax.Array:
+    """(N, p*h, p*w, C) -> (N, p*p, h, w, C), regions in row-major order."""
+    n, hh, ww, c = x.shape
+    h, w = hh // p, ww // p
+    x = x.reshape(n, p, h, p, w, c)  # (N, j, h, i, w, C)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, p * p, h, w, c)  # (N, j*i, h, w, C)
+
+
+def from_regions(x: jax.Array, p: int) -> jax.Array:
+    """(N, p*p, h, w, C) -> (N, p*h, p*w, C); inverse of `to_regions`."""
+    n, _, h, w, c = x.shape
+    x = x.reshape(n, p, p, h, w, c)  # (N, j, i, h, w, C)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, p * h, p * w, c)  # (N, j*h, i*w, C)
