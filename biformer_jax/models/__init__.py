@@ -8,11 +8,14 @@ from typing import Any
 from flax import linen as nn
 
 from biformer_jax.models.biformer import BIFORMER_VARIANTS, BiFormer
+from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS, DeBiFormer
 
 # name -> (module class, the official variant's constructor arguments)
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "biformer": (BiFormer, {}),
     **{name: (BiFormer, kw) for name, kw in BIFORMER_VARIANTS.items()},
+    "debiformer": (DeBiFormer, {}),
+    **{name: (DeBiFormer, kw) for name, kw in DEBIFORMER_VARIANTS.items()},
 }
 
 
@@ -49,7 +52,8 @@ def collect_routes(intermediates: Any) -> list:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; `overrides` replace the variant's constructor arguments.
 
-    `create_model("biformer", **kwargs)` is the bare official `BiFormer(**kwargs)`.
+    `create_model("biformer", **kwargs)` is the bare official `BiFormer(**kwargs)`, and
+    `create_model("debiformer", **kwargs)` the released `DeBiFormer(**kwargs)`.
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(list_models())}.")
@@ -62,4 +66,4 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BiFormer", "collect_routes", "create_model", "list_models"]
+__all__ = ["BiFormer", "DeBiFormer", "collect_routes", "create_model", "list_models"]

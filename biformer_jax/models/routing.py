@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from biformer_jax.models.layers import DepthwiseConv2d, Dtype, dense
 from biformer_jax.ops.routed_attention import routed_attention
+from biformer_jax.ops.topk import topk
 
 KV_DOWNSAMPLE_MODES = ("ada_avgpool", "ada_maxpool", "maxpool", "avgpool", "identity")
 
@@ -109,23 +110,31 @@ class TopkRouting(nn.Module):
     diff_routing: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    torch_init: bool = False  # PyTorch's default Linear init for `emb` (see layers.dense)
+    ties: str = "xla"  # exact ties: 'xla' keeps the lowest indices, 'torch' torch.topk's (ops/topk.py)
 
     @nn.compact
     def __call__(self, q_win: jax.Array, k_win: jax.Array):
         if not self.diff_routing:
             q_win, k_win = jax.lax.stop_gradient(q_win), jax.lax.stop_gradient(k_win)
         if self.param_routing:
-            emb = dense(self.qk_dim, "emb", self.dtype, self.param_dtype)
+            fan_in = self.qk_dim if self.torch_init else None
+            emb = dense(self.qk_dim, "emb", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)
             q_win, k_win = emb(q_win), emb(k_win)
         logits = jnp.einsum("npc,nqc->npq", q_win * self.scale, k_win, preferred_element_type=jnp.float32)  # (N, P, P)
-        top_logits, r_idx = jax.lax.top_k(logits, self.topk)  # (N, P, k), (N, P, k)
+        top_logits, r_idx = topk(logits, self.topk, self.ties)  # (N, P, k), (N, P, k)
         r_weight = jax.nn.softmax(top_logits, axis=-1)  # (N, P, k)
         self.sow("intermediates", "route", r_idx)
         return r_weight, r_idx
 
 
 class BiLevelRoutingAttention(nn.Module):
-    """BRA on an NHWC map. Submodule names follow the official module for conversion."""
+    """BRA on an NHWC map. Submodule names follow the official module for conversion.
+
+    `torch_init` gives the Linears PyTorch's default init (as in DeBiFormer, which never
+    re-initialises them) instead of BiFormer's trunc_normal(.02); `topk_ties` is the
+    router's tie-breaking (`biformer_jax.ops.topk`).
+    """
 
     dim: int
     num_heads: int = 8
@@ -146,6 +155,8 @@ class BiLevelRoutingAttention(nn.Module):
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    torch_init: bool = False
+    topk_ties: str = "xla"
 
     @property
     def _qk_dim(self) -> int:
@@ -172,8 +183,13 @@ class BiLevelRoutingAttention(nn.Module):
             )
         if self.param_attention not in ("qkvo", "qkv"):
             raise ValueError(f"param_attention={self.param_attention!r} is not one of 'qkvo', 'qkv'.")
-        self.qkv = _QKVLinear(self.dim, qk, self.dtype, self.param_dtype)
-        self.wo = dense(self.dim, "wo", self.dtype, self.param_dtype) if self.param_attention == "qkvo" else None
+        fan_in = self.dim if self.torch_init else None
+        self.qkv = _QKVLinear(self.dim, qk, self.dtype, self.param_dtype, self.torch_init)
+        self.wo = (
+            dense(self.dim, "wo", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)
+            if self.param_attention == "qkvo"
+            else None
+        )
         self.lepe = (
             DepthwiseConv2d(self.side_dwconv, impl=self.dwconv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
             if self.side_dwconv > 0
@@ -187,6 +203,8 @@ class BiLevelRoutingAttention(nn.Module):
             self.diff_routing,
             self.dtype,
             self.param_dtype,
+            self.torch_init,
+            self.topk_ties,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,10 +257,12 @@ class _QKVLinear(nn.Module):
     qk_dim: int
     dtype: Dtype
     param_dtype: Dtype
+    torch_init: bool = False
 
     @nn.compact
     def __call__(self, x):
-        y = dense(2 * self.qk_dim + self.dim, "qkv", self.dtype, self.param_dtype)(x)
+        fan_in = self.dim if self.torch_init else None
+        y = dense(2 * self.qk_dim + self.dim, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
         return y[..., : self.qk_dim], y[..., self.qk_dim :]
 
 
