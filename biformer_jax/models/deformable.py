@@ -305,9 +305,10 @@ class DeBiLevelRoutingAttention(nn.Module):
         v = conv2d(c, 1, c, "proj_v", dt, pdt)(agents).reshape(n, ns, m, c // m)  # (N, Ns, m, C/m)
         qh = q.reshape(n, hh * ww, m, c // m)  # (N, HW, m, C/m)
         logits = jnp.einsum("nqmc,nkmc->nmqk", qh, k, preferred_element_type=jnp.float32) * scale  # (N, m, HW, Ns)
+        # timm's trunc_normal_(std=.01) cuts at +-2 absolute, i.e. 200 std: a plain normal.
         rpe_table = self.param(
             "rpe_table",
-            nn.initializers.truncated_normal(stddev=0.01),
+            nn.initializers.normal(stddev=0.01),
             (m, 2 * s.q_size - 1, 2 * s.q_size - 1),
             pdt,
         )
