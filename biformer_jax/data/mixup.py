@@ -22,40 +22,82 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
 
 
+_TRIES = 16  # Marsaglia-Tsang candidates per gamma draw
+_BETA_UNIFORMS = 2 * (2 * _TRIES + 1)  # per Beta draw: 2 gammas x (normals, acceptance coins, boost)
+
+
+def _uniforms(rng: jax.Array, count: int, n: int) -> jax.Array:
+    """(count, n) uniforms in (0, 1). Every random number of a mixing comes from this one call:
+    each jax.random op adds about a second of XLA:CPU compile time to the train step."""
+    return jax.random.uniform(rng, (count, n), minval=jnp.finfo(jnp.float32).tiny)
+
+
+def _beta_from_uniforms(u: jax.Array, alpha: float) -> jax.Array:
+    """Beta(alpha, alpha) draws (n,) from uniforms (_BETA_UNIFORMS, n), as X / (X + Y), X, Y ~ Gamma(alpha).
+
+    Gamma by Marsaglia & Tsang (2000) with _TRIES candidates at once, keeping the first
+    accepted (each is accepted with p >= 0.95, so all rejected has odds < 1e-20; then the mode
+    is used); alpha < 1 via Gamma(alpha + 1) * U ** (1 / alpha). Straight-line jnp, where
+    jax.random.beta's rejection loop takes seconds to compile.
+    """
+    u = u.reshape(2, 2 * _TRIES + 1, -1)  # (X|Y, normals | coins | boost, n)
+    shape = alpha + 1.0 if alpha < 1.0 else alpha
+    d = shape - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * d)
+    z = jnp.sqrt(2.0) * jax.scipy.special.erfinv(2.0 * u[:, :_TRIES] - 1.0)  # (2, tries, n) standard normals
+    coins = u[:, _TRIES : 2 * _TRIES]  # (2, tries, n)
+    v = (1.0 + c * z) ** 3
+    log_v = jnp.log(jnp.where(v > 0, v, 1.0))
+    accept = (v > 0) & (jnp.log(coins) < 0.5 * z**2 + d - d * v + d * log_v)  # (2, tries, n)
+    first = jnp.argmax(accept, axis=1)  # (2, n)
+    gamma = d * jnp.take_along_axis(v, first[:, None], axis=1)[:, 0]  # (2, n)
+    gamma = jnp.where(accept.any(axis=1), gamma, d)
+    if alpha < 1.0:
+        gamma = gamma * u[:, 2 * _TRIES] ** (1.0 / alpha)
+    return (gamma[0] / (gamma[0] + gamma[1])).astype(jnp.float32)
+
+
+def sample_beta(rng: jax.Array, alpha: float, n: int) -> jax.Array:
+    """n draws of Beta(alpha, alpha): float32 (n,)."""
+    return _beta_from_uniforms(_uniforms(rng, _BETA_UNIFORMS, n), alpha)
+
+
 def mixup_enabled(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.prob > 0 and (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0 or bool(cfg.cutmix_minmax))
 
 
 def _draws(rng: jax.Array, n: int, height: int, width: int, cfg: ml_collections.ConfigDict):
     """n independent mixing draws: lam (n,) float32, use_cutmix (n,) bool, box (yl, yh, xl, xh) (n,) int32."""
-    k_apply, k_switch, k_mix, k_cut, k_y, k_x, k_h, k_w = jax.random.split(rng, 8)
+    u = _uniforms(rng, 6 + 2 * _BETA_UNIFORMS, n)
+    u_apply, u_switch, u_y, u_x, u_h, u_w = u[:6]
+    u_mixup, u_cutmix = u[6 : 6 + _BETA_UNIFORMS], u[6 + _BETA_UNIFORMS :]
+
+    def randint(u, low, high):  # uniform integers in [low, high)
+        return jnp.clip(low + jnp.floor(u * (high - low)).astype(jnp.int32), low, high - 1)
+
     mixup_on = cfg.mixup_alpha > 0
     cutmix_alpha = 1.0 if cfg.cutmix_minmax else cfg.cutmix_alpha  # timm forces 1.0 under minmax
     cutmix_on = cutmix_alpha > 0
-    if mixup_on and cutmix_on:
-        use_cutmix = jax.random.uniform(k_switch, (n,)) < cfg.switch_prob
-    else:
-        use_cutmix = jnp.full((n,), cutmix_on)
-    lam_mixup = jax.random.beta(k_mix, cfg.mixup_alpha, cfg.mixup_alpha, (n,)) if mixup_on else jnp.ones((n,))
-    lam_cutmix = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha, (n,)) if cutmix_on else jnp.ones((n,))
-    applied = jax.random.uniform(k_apply, (n,)) < cfg.prob
+    use_cutmix = u_switch < cfg.switch_prob if mixup_on and cutmix_on else jnp.full((n,), cutmix_on)
+    lam_mixup = _beta_from_uniforms(u_mixup, cfg.mixup_alpha) if mixup_on else jnp.ones((n,))
+    lam_cutmix = _beta_from_uniforms(u_cutmix, cutmix_alpha) if cutmix_on else jnp.ones((n,))
+    applied = u_apply < cfg.prob
     lam = jnp.where(applied, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.0).astype(jnp.float32)
     use_cutmix = use_cutmix & applied
 
     if cfg.cutmix_minmax:
         lo, hi = cfg.cutmix_minmax
-        cut_h = jax.random.randint(k_h, (n,), int(height * lo), int(height * hi))
-        cut_w = jax.random.randint(k_w, (n,), int(width * lo), int(width * hi))
-        yl = jax.random.randint(k_y, (n,), 0, height - cut_h)
-        xl = jax.random.randint(k_x, (n,), 0, width - cut_w)
+        cut_h = randint(u_h, int(height * lo), int(height * hi))
+        cut_w = randint(u_w, int(width * lo), int(width * hi))
+        yl = randint(u_y, 0, height - cut_h)
+        xl = randint(u_x, 0, width - cut_w)
         yh, xh = yl + cut_h, xl + cut_w
     else:
         # A box of side ~ sqrt(1 - lam) centred anywhere in the image, clipped at the borders.
         ratio = jnp.sqrt(1.0 - lam)
         cut_h = jnp.floor(height * ratio).astype(jnp.int32)
         cut_w = jnp.floor(width * ratio).astype(jnp.int32)
-        cy = jax.random.randint(k_y, (n,), 0, height)
-        cx = jax.random.randint(k_x, (n,), 0, width)
+        cy, cx = randint(u_y, 0, height), randint(u_x, 0, width)
         yl, yh = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
         xl, xh = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
     if cfg.correct_lam or cfg.cutmix_minmax:

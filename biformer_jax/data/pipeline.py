@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from biformer_jax.data import sources, transforms
 
@@ -151,6 +152,9 @@ def _run(dataset: grain.MapDataset, cfg: ml_collections.ConfigDict) -> Iterator[
     threads = min(cfg.threads, cfg.prefetch)
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.workers > 0:
+        # grain's worker processes read absl flags; outside an absl app nothing has parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers, per_worker_buffer_size=1))
     iterator = iter(it_ds)
     try:

@@ -136,7 +136,12 @@ def _translate_y(img, pct, fill, resample):
 
 
 def _posterize(img, bits, fill, resample):
-    return img if bits >= 8 else ImageOps.posterize(img, bits)
+    # Keep the `bits` high bits. A lookup table, because PIL >= 10 rejects bits = 0, which the
+    # increasing op reaches at magnitude 10 (timm's PIL 9 made such images black).
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - bits) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
 
 
 def _solarize_add(img, add, fill, resample):
