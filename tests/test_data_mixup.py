@@ -33,20 +33,16 @@ def _own_weight(targets):
     return (targets[np.arange(B), np.arange(B)] - OFF) / (ON - OFF)
 
 
-@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
-def test_label_mass_sums_to_one(mode):
-    cfg = data.default_mixup_config()
-    cfg.mode = mode
-    for _, _, targets in _mixes(cfg, range(5)):
-        assert targets.dtype == np.float32 and targets.shape == (B, K)
-        np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)
-        assert targets.min() >= OFF - 1e-7 and targets.max() <= ON + 1e-6
-        # Mass above the smoothing floor sits on the row's own label and its partner's only.
-        own, partner = np.arange(B), np.arange(B)[::-1]
-        extra = targets - OFF
-        extra[own, own] = 0
-        extra[own, partner] = 0
-        np.testing.assert_allclose(extra, 0, atol=1e-6)
+def _assert_label_mass(targets):
+    """Rows sum to 1; above the smoothing floor, mass sits on the own and the partner's label only."""
+    assert targets.dtype == np.float32 and targets.shape == (B, K)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)
+    assert targets.min() >= OFF - 1e-7 and targets.max() <= ON + 1e-6
+    own, partner = np.arange(B), np.arange(B)[::-1]
+    extra = targets - OFF
+    extra[own, own] = 0
+    extra[own, partner] = 0
+    np.testing.assert_allclose(extra, 0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
@@ -54,6 +50,7 @@ def test_cutmix_label_weight_matches_the_pasted_area(mode):
     cfg = data.default_mixup_config()
     cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mode = 0.0, 1.0, mode
     for images, mixed, targets in _mixes(cfg, range(8)):
+        _assert_label_mass(targets)
         partner_value = images[::-1, 0, 0, 0]
         pasted = (mixed == partner_value[:, None, None, None]).all(-1).mean(axis=(1, 2))  # (B,)
         kept = (mixed == images).all(-1).mean(axis=(1, 2))
@@ -71,6 +68,7 @@ def test_mixup_blends_with_the_target_weight():
     cfg = data.default_mixup_config()
     cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mode = 0.8, 0.0, "elem"
     [(images, mixed, targets)] = _mixes(cfg, [0])
+    _assert_label_mass(targets)
     lam = _own_weight(targets)
     expected = lam * images[:, 0, 0, 0] + (1 - lam) * images[::-1, 0, 0, 0]
     np.testing.assert_allclose(mixed[:, 0, 0, 0], expected, rtol=1e-5)
@@ -81,10 +79,16 @@ def test_mixup_blends_with_the_target_weight():
 def test_switch_prob_and_prob_choose_how_often():
     cfg = data.default_mixup_config()  # batch mode, switch 0.5, prob 1.0
     # CutMix leaves some pixels exactly as they were; mixup changes all (lam < 1 almost surely).
-    cut = np.array([(m[0] == i[0]).all(-1).any() for i, m, _ in _mixes(cfg, range(400))])
+    mixes = _mixes(cfg, range(400))
+    for _, _, targets in mixes[:20]:
+        _assert_label_mass(targets)
+    cut = np.array([(m[0] == i[0]).all(-1).any() for i, m, _ in mixes])
     assert abs(cut.mean() - 0.5) < 5 * np.sqrt(0.25 / 400)
     cfg.prob, cfg.mode = 0.3, "elem"
-    untouched = [(m == i).all(axis=(1, 2, 3)) for i, m, _ in _mixes(cfg, range(50))]
+    mixes = _mixes(cfg, range(50))
+    for _, _, targets in mixes[:20]:
+        _assert_label_mass(targets)
+    untouched = [(m == i).all(axis=(1, 2, 3)) for i, m, _ in mixes]
     assert abs(np.mean(untouched) - 0.7) < 5 * np.sqrt(0.21 / (50 * B))
 
 

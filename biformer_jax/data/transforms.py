@@ -110,9 +110,11 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, strength: float) ->
 
 def normalize(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 RGB image -> float32 (H, W, 3) array, (pixel / 255 - mean) / std."""
-    x = np.asarray(img, dtype=np.float32)
-    inv = 1.0 / (255.0 * np.asarray(std, np.float32))
-    return x * inv - np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+    x = np.asarray(img, dtype=np.float32)  # a fresh array: scaled in place below
+    std = np.asarray(std, np.float32)
+    x *= 1.0 / (255.0 * std)
+    x -= np.asarray(mean, np.float32) / std
+    return x
 
 
 class TrainTransform:
