@@ -83,10 +83,12 @@ def build_mini_imagenet(root: str | Path, **manual_kwargs) -> Path:
     Returns the TFDS data_dir (root/tfds) to put in the data config (`cfg.data_dir`). Takes a few
     seconds. `manual_kwargs` go to write_manual_dir (num_classes, per_class, num_val, seed).
     """
-    from biformer_jax.data import sources
+    from biformer_jax import data
 
     root = Path(root)
     manual_dir = write_manual_dir(root / "manual", **manual_kwargs)
     data_dir = root / "tfds"
-    sources.prepare_tfds("imagenet2012", data_dir=str(data_dir), manual_dir=str(manual_dir))
+    cfg = data.default_config()
+    cfg.name, cfg.data_dir = "imagenet2012", str(data_dir)
+    data.prepare_dataset(cfg, manual_dir=str(manual_dir))
     return data_dir

@@ -60,7 +60,7 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
     ):
         assert needed in message
     with pytest.raises(data.DatasetNotPreparedError, match="ILSVRC2012_img_train.tar"):
-        data.prepare(cfg, manual_dir=str(tmp_path))  # no tars there
+        data.prepare_dataset(cfg, manual_dir=str(tmp_path))  # no tars there
 
 
 def test_missing_tfds_dataset_and_unknown_name(tmp_path):
@@ -105,6 +105,15 @@ def test_folder_source_end_to_end(tmp_path):
     labels = np.concatenate([e["label"] for e in evals])[:6]
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]  # sorted class folders, sorted files
     assert np.concatenate([e["mask"] for e in evals]).tolist() == [1] * 6 + [0] * 2
+
+
+def test_prepare_command_checks_a_folder(tmp_path, capsys):
+    from biformer_jax.data import prepare
+
+    _write_folder(tmp_path)
+    prepare.main(["--name", "folder", "--folder", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "folder: ready" in out and "num_train_examples=12" in out and "num_eval_examples=6" in out
 
 
 def test_folder_errors_show_the_layout(tmp_path):

@@ -18,14 +18,14 @@
 
 Extras beyond that interface: `digits_config()` (default_config set up for the quickstart's
 embedded digits), `steps_per_epoch(num_train_examples, B)`, `num_eval_batches(N, B)`,
-`prepare(cfg, manual_dir=None)` (also `python -m biformer_jax.data.prepare`),
+`prepare_dataset(cfg, manual_dir=None)` (also `python -m biformer_jax.data.prepare`),
 `DatasetNotPreparedError`, `smooth_one_hot`.
 """
 
 from biformer_jax.data.config import default_config, default_mixup_config, digits_config
 from biformer_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from biformer_jax.data.pipeline import eval_iterator, num_eval_batches, steps_per_epoch, train_iterator
-from biformer_jax.data.prepare import prepare
+from biformer_jax.data.prepare import prepare_dataset
 from biformer_jax.data.sources import DatasetInfo, DatasetNotPreparedError, dataset_info
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "eval_iterator",
     "mixup_cutmix",
     "num_eval_batches",
-    "prepare",
+    "prepare_dataset",
     "smooth_one_hot",
     "steps_per_epoch",
     "train_iterator",

@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.crop_padding = 4  # for train_crop='pad_random'
 
     # --- Train augmentations (each one switchable).
-    c.hflip = 0.5  # horizontal flip probability (0 = off; wrong for digits)
+    c.hflip = True  # random horizontal flip, probability 0.5 (timm's default; wrong for digits)
     # timm RandAugment string, '' = off. 'rand-m9-mstd0.5-inc1': magnitude 9 of 10, magnitude
     # noise std 0.5, the increasing-severity op set, 2 ops per image, each applied with p 0.5.
     c.randaugment = "rand-m9-mstd0.5-inc1"
@@ -94,7 +94,7 @@ def digits_config(image_size: int = 32) -> ml_collections.ConfigDict:
     c.digits.size = image_size
     c.train_crop = "pad_random"
     c.crop_padding = max(1, image_size // 16)
-    c.hflip = 0.0
+    c.hflip = False
     c.randaugment = ""
     c.color_jitter = 0.0
     c.reprob = 0.0
@@ -143,7 +143,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         len(cfg.ratio) == 2 and 0 < cfg.ratio[0] <= cfg.ratio[1],
         f"ratio must be (min, max) with 0 < min <= max, got {cfg.ratio}.",
     )
-    need(0.0 <= cfg.hflip <= 1.0, f"hflip is a probability, got {cfg.hflip}.")
+    need(isinstance(cfg.hflip, bool), f"hflip is True / False (flip with probability 0.5), got {cfg.hflip!r}.")
     need(0.0 <= cfg.reprob <= 1.0, f"reprob is a probability, got {cfg.reprob}.")
     need(cfg.remode in ERASE_MODES, f"remode {cfg.remode!r} is not one of {ERASE_MODES}.")
     need(cfg.recount >= 1, f"recount must be >= 1, got {cfg.recount}.")

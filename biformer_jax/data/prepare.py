@@ -20,7 +20,7 @@ from biformer_jax.data import config as config_lib
 from biformer_jax.data import sources
 
 
-def prepare(cfg: ml_collections.ConfigDict, manual_dir: str | None = None) -> sources.DatasetInfo:
+def prepare_dataset(cfg: ml_collections.ConfigDict, manual_dir: str | None = None) -> sources.DatasetInfo:
     """Makes cfg's dataset ready (TFDS: download / build; folder: scan) and returns its DatasetInfo."""
     if cfg.name not in config_lib.DATASET_KINDS:
         try:
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = config_lib.default_config()
     cfg.name, cfg.data_dir, cfg.folder = args.name, args.data_dir, args.folder
-    info = prepare(cfg, manual_dir=args.manual_dir)
+    try:
+        info = prepare_dataset(cfg, manual_dir=args.manual_dir)
+    except (sources.DatasetNotPreparedError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"{args.name}: ready. {info}")
 
 

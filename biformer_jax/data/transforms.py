@@ -131,7 +131,7 @@ class TrainTransform:
         self.ratio = tuple(cfg.ratio)
         self.padding = cfg.crop_padding
         self.interpolation = cfg.interpolation
-        self.hflip = cfg.hflip
+        self.hflip = 0.5 if cfg.hflip else 0.0  # flip probability
         self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
         fill = tuple(min(255, round(255 * m)) for m in self.mean)
         self.randaugment = (
