@@ -180,8 +180,8 @@ def train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator over this host's train batches; the k-th is global step start_step + k."""
     rows = _host_rows(global_batch_size, process_index, process_count)
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    if start_step < 0 or seed < 0:
+        raise ValueError(f"seed and start_step must be >= 0, got seed={seed}, start_step={start_step}.")
     source, _ = sources.open_source(cfg, "train")
     sampler = TrainSampler(len(source), global_batch_size, cfg.repeated_aug, seed)
     make_batch = TrainBatch(source, transforms.TrainTransform(cfg), sampler, seed, rows)
