@@ -9,8 +9,8 @@ from golden import recipe_value, rel_l2, require, route_agreement
 
 from biformer_jax import convert, models
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention
-from biformer_jax.models.layers import depthwise_conv
 from biformer_jax.ops.grid_sample import grid_sample
+from biformer_jax.ops.strided_depthwise import strided_depthwise_conv
 from biformer_jax.ops.topk import topk
 
 # ------------------------------------------------------------------------------------------
@@ -200,9 +200,9 @@ def test_grid_sample_hits_pixels_at_their_coordinates():
 def test_strided_depthwise_impls_agree(shape, k, stride):
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (k, k, 1, shape[-1]))
-    ref = depthwise_conv(x, kernel, k // 2, "conv", stride)
+    ref = strided_depthwise_conv(x, kernel, k // 2, stride, "conv")
     assert ref.shape[1:3] == tuple((s - 1) // stride + 1 for s in shape[1:3])
-    np.testing.assert_allclose(depthwise_conv(x, kernel, k // 2, "shift", stride), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(strided_depthwise_conv(x, kernel, k // 2, stride, "shift"), ref, rtol=1e-5, atol=1e-5)
 
 
 # torch.topk(row, k) on CPU (PyTorch 2.13), recorded: which of several equal entries it keeps.

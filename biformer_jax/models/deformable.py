@@ -30,10 +30,20 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import DepthwiseConv2d, Dtype, conv2d, conv_init, gelu, layer_norm
+from biformer_jax.models.layers import (
+    DepthwiseConv2d,
+    Dtype,
+    conv2d,
+    conv_init,
+    fan_in_uniform_bias,
+    gelu,
+    layer_norm,
+    resolve_dwconv_impl,
+)
 from biformer_jax.models.routing import TopkRouting, check_bra_config, from_regions, kv_downsample, to_regions
 from biformer_jax.ops.grid_sample import grid_sample
 from biformer_jax.ops.routed_attention import routed_attention
+from biformer_jax.ops.strided_depthwise import strided_depthwise_conv
 
 
 class DeformSettings(NamedTuple):
@@ -104,6 +114,28 @@ def merge_groups(x: jax.Array, g: int) -> jax.Array:
     ng, h, w, cg = x.shape
     x = x.reshape(ng // g, g, h, w, cg)  # (N, g, H, W, Cg)
     return x.transpose(0, 2, 3, 1, 4).reshape(ng // g, h, w, g * cg)  # (N, H, W, C)
+
+
+class StridedDepthwiseConv2d(nn.Module):
+    """`nn.Conv2d(C, C, k, stride, padding=k // 2, groups=C)` on NHWC input (the offset network's
+    conv and the strided LePE); params `kernel` (k, k, 1, C) and `bias` as `DepthwiseConv2d`."""
+
+    kernel_size: int
+    stride: int
+    use_bias: bool = True
+    impl: str = "auto"  # as DepthwiseConv2d: 'auto' | 'conv' | 'shift'
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", conv_init, (k, k, 1, c), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = strided_depthwise_conv(x, kernel, k // 2, self.stride, resolve_dwconv_impl(self.impl))
+        if self.use_bias:
+            y = y + self.param("bias", fan_in_uniform_bias(k * k), (c,), self.param_dtype).astype(self.dtype)
+        return y
 
 
 class ConvMlpWithDw(nn.Module):
@@ -239,10 +271,10 @@ class DeBiLevelRoutingAttention(nn.Module):
 
         # --- deformed points: the offset network on q, per group ---------------------------
         off = split_groups(q, g)  # (N*g, H, W, Cg)
-        off = DepthwiseConv2d(
+        off = StridedDepthwiseConv2d(
             s.offset_kernel,
+            s.stride,
             use_bias=False,
-            stride=s.stride,
             impl=self.dwconv_impl,
             dtype=dt,
             param_dtype=pdt,
@@ -261,9 +293,9 @@ class DeBiLevelRoutingAttention(nn.Module):
 
         lepe = None
         if self.side_dwconv > 0:
-            lepe = DepthwiseConv2d(
+            lepe = StridedDepthwiseConv2d(
                 self.side_dwconv,
-                stride=s.stride,
+                s.stride,
                 impl=self.dwconv_impl,
                 dtype=dt,
                 param_dtype=pdt,

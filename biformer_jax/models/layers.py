@@ -101,20 +101,18 @@ def resolve_dwconv_impl(impl: str) -> str:
     return impl
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "auto", stride: int = 1) -> jax.Array:
-    """Depthwise convolution. x: (N, H, W, C); kernel: (kh, kw, 1, C) -> (N, H', W', C)."""
+def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "auto") -> jax.Array:
+    """Stride-1 depthwise convolution. x: (N, H, W, C); kernel: (kh, kw, 1, C)."""
     kh, kw = kernel.shape[:2]
     if resolve_dwconv_impl(impl) == "conv":
         return jax.lax.conv_general_dilated(
             x,
             kernel,
-            window_strides=(stride, stride),
+            window_strides=(1, 1),
             padding=((padding, padding), (padding, padding)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1],
         )
-    if stride > 1:
-        return _strided_depthwise_blocks(x, kernel, padding, stride)
     # Sum of kh*kw shifted, weighted slices of the padded input: XLA fuses it into one loop.
     n, h, w, c = x.shape
     out_h, out_w = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
@@ -127,38 +125,11 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "a
     return out
 
 
-def _strided_depthwise_blocks(x: jax.Array, kernel: jax.Array, padding: int, s: int) -> jax.Array:
-    """Depthwise conv with stride s > 1 as ceil(k/s)^2 products of s x s kernel blocks.
-
-    The padded input is split into its s x s phases, (N, H/s, s, W/s, s, C); each block of the
-    zero-padded kernel then meets one unstrided slice of it. Written as k*k strided slices
-    instead, a 9x9/8 conv takes ~10 s to compile with its gradient on XLA:CPU; this ~0.5 s.
-    """
-    kh, kw = kernel.shape[:2]
-    n, h, w, c = x.shape
-    out_h, out_w = (h + 2 * padding - kh) // s + 1, (w + 2 * padding - kw) // s + 1
-    bh, bw = -(-kh // s), -(-kw // s)  # kernel blocks per axis
-    hp, wp = (out_h - 1 + bh) * s, (out_w - 1 + bw) * s  # rows/cols the blocks read
-    pad_h, pad_w = (padding, max(0, hp - h - padding)), (padding, max(0, wp - w - padding))
-    xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))[:, :hp, :wp]  # (N, hp, wp, C)
-    phases = xp.reshape(n, hp // s, s, wp // s, s, c)  # (N, hp/s, s, wp/s, s, C)
-    kp = jnp.pad(kernel[:, :, 0], ((0, bh * s - kh), (0, bw * s - kw), (0, 0)))  # (bh*s, bw*s, C)
-    kp = kp.reshape(bh, s, bw, s, c)  # (bh, s, bw, s, C)
-    out = None
-    for a in range(bh):
-        for b in range(bw):
-            window = phases[:, a : a + out_h, :, b : b + out_w, :, :]  # (N, out_h, s, out_w, s, C)
-            term = (window * kp[a, :, b][:, None]).sum(axis=(2, 4))  # (N, out_h, out_w, C)
-            out = term if out is None else out + term
-    return out
-
-
 class DepthwiseConv2d(nn.Module):
     """`nn.Conv2d(dim, dim, k, padding=p, groups=dim)` on NHWC input.
 
     `impl` chooses between XLA's grouped convolution ('conv') and a sum of shifted slices
-    ('shift'); both compute the same function, 'auto' picks by backend. `stride` > 1 is
-    `nn.Conv2d(..., stride=stride)` (DeBiFormer's offset network and strided LePE).
+    ('shift'); both compute the same function, 'auto' picks by backend.
     """
 
     kernel_size: int
@@ -167,7 +138,6 @@ class DepthwiseConv2d(nn.Module):
     impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    stride: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,7 +145,7 @@ class DepthwiseConv2d(nn.Module):
         pad = k // 2 if self.padding is None else self.padding
         kernel = self.param("kernel", conv_init, (k, k, 1, c), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = depthwise_conv(x, kernel, pad, self.impl, self.stride)
+        y = depthwise_conv(x, kernel, pad, self.impl)
         if self.use_bias:
             bias = self.param("bias", fan_in_uniform_bias(k * k), (c,), self.param_dtype)
             y = y + bias.astype(self.dtype)
