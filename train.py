@@ -5,11 +5,13 @@ Re-running the same command resumes from DIR's latest checkpoint. The last line 
 final evaluation as one JSON object.
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, train_lib
+from biformer_jax import checkpoint, data, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -23,7 +25,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoint.quiet_orbax_logging()
     logging.info("JAX devices: %s", jax.devices())
-    metrics = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, train_lib.NonFiniteLossError) as e:
+        # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(train_lib.summary_line(metrics), flush=True)
 
 

@@ -85,3 +85,23 @@ def test_unknown_config_field_fails_at_once():
     )
     assert proc.returncode != 0
     assert "lrr" in proc.stderr and "Traceback" not in proc.stdout
+
+
+def test_missing_dataset_stops_train_py_with_instructions(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/biformer_t.py:runlocal",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.data.data_dir={tmp_path / 'no_tfds'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "ILSVRC2012_img_train.tar" in proc.stderr and "biformer_jax.data.prepare" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

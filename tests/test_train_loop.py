@@ -68,6 +68,11 @@ def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path)
     model = models.create_model("biformer_micro", depth=(1, 1, 1, 1), num_classes=10)
     variables = train_testlib.random_variables(model, seed=1)
     convert_files.save_converted(tmp_path / "converted", variables, _converter_meta(num_classes=10))
+    config_file = tmp_path / "micro.py"  # the tests' micro config, so the eval compile is a cache hit
+    config_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(train_testlib.ROOT / 'tests')!r})\n"
+        "import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
+    )
     env = {
         **os.environ,
         "JAX_COMPILATION_CACHE_DIR": train_testlib.enable_compilation_cache(),
@@ -77,9 +82,8 @@ def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path)
         [
             sys.executable,
             "eval.py",
-            "--config=configs/quickstart.py",
-            "--config.model_kwargs.depth=(1,1,1,1)",
-            "--config.eval_batch_size=40",
+            f"--config={config_file}",
+            "--config.eval_steps=-1",
             f"--checkpoint={tmp_path / 'converted'}",
         ],
         cwd=train_testlib.ROOT,
