@@ -112,8 +112,8 @@ class Preempted(Exception):
 
 @pytest.fixture(scope="module")
 def mini_imagenet(tmp_path_factory):
-    """TFDS imagenet2012 built from 3 classes x 4 train JPEGs + 3 validation JPEGs."""
-    return imagenet_fixture.build_mini_imagenet(tmp_path_factory.mktemp("imagenet"), per_class=4)
+    """TFDS imagenet2012 built from 3 classes x 8 train JPEGs + 3 validation JPEGs."""
+    return imagenet_fixture.build_mini_imagenet(tmp_path_factory.mktemp("imagenet"), per_class=8)
 
 
 def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, mini_imagenet):

@@ -35,7 +35,16 @@ def random_variables(model, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     abstract = eval_lib.abstract_variables(model, 32)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:  # BatchNorm running variances must be positive
+            return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+        if not np.issubdtype(s.dtype, np.floating):  # num_batches_tracked
+            return np.zeros(s.shape, s.dtype)
+        return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _override(config, overrides):
