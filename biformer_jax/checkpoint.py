@@ -1,0 +1,316 @@
+"""Orbax checkpoints: train.py's (resumable) and the converter's (variables only).
+
+Two formats, one loader:
+
+* **variables checkpoint** (`python -m biformer_jax.convert`, `save_variables`): a directory
+  `DIR/variables/` (an Orbax StandardCheckpointer save of {"params", "batch_stats"}) and
+  `DIR/biformer_jax.json` = {"format": "biformer_jax.variables/1", "model": <create_model name>,
+  "model_kwargs": {...}, ...}.
+* **train checkpoint**: `WORKDIR/checkpoints/<step>/` written by an Orbax CheckpointManager
+  (asynchronously, atomically: a step directory appears only once complete) with items
+  `variables` (same layout as above), `ema_variables` (when EMA is on), `train` ({"step",
+  "opt_state", "rng"}) and `meta` (JSON: format "biformer_jax.train/1", model, model_kwargs, step).
+
+`resolve` accepts either directory, a train step directory, a CheckpointManager directory or a
+train.py workdir (meaning its latest checkpoint). Restoring checks shapes first and raises
+`CheckpointMismatchError` listing every missing, unexpected and mis-shaped array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as std_logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers
+
+from biformer_jax.train_state import TrainState
+
+VARIABLES_FORMAT = "biformer_jax.variables/1"
+TRAIN_FORMAT = "biformer_jax.train/1"
+META_FILE = "biformer_jax.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped array."""
+
+    def __init__(self, source: str, target: str, missing, unexpected, mismatched):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"The checkpoint {source} does not match {target}:"]
+        for title, items in (
+            ("in the model, not in the checkpoint", self.missing),
+            ("in the checkpoint, not in the model", self.unexpected),
+            ("with a different shape", self.mismatched),
+        ):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines.extend(f"    {item}" for item in items[:40])
+                if len(items) > 40:
+                    lines.append(f"    ... and {len(items) - 40} more")
+        lines.append(
+            "Check config.model / config.model_kwargs against the model the checkpoint was made "
+            "with (its biformer_jax.json or meta says which), or use a fresh --workdir."
+        )
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """A resolved checkpoint: `path` holds `variables/` (and `ema_variables/`, `train/`, `meta/`)."""
+
+    kind: str  # "variables" (converter format) | "train" (a train.py step)
+    path: epath.Path
+    step: int | None = None
+
+    def __str__(self) -> str:
+        return os.fspath(self.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and reading checkpoints
+
+
+def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
+    steps = ocp.utils.checkpoint_steps(manager_dir) if manager_dir.is_dir() else []
+    return manager_dir / str(max(steps)) if steps else None
+
+
+def resolve(path: str | os.PathLike) -> CheckpointRef:
+    """Which checkpoint `path` means; raises FileNotFoundError with what was expected."""
+    p = epath.Path(os.path.abspath(path))  # Orbax wants absolute paths
+    if (p / META_FILE).exists():
+        return CheckpointRef("variables", p)
+    if (p / "variables").is_dir() and (p / "meta").is_dir():
+        return CheckpointRef("train", p, int(p.name) if p.name.isdigit() else None)
+    for manager_dir in (p / CHECKPOINT_SUBDIR, p):
+        step_dir = _latest_step_dir(manager_dir)
+        if step_dir is not None:
+            return CheckpointRef("train", step_dir, int(step_dir.name))
+    raise FileNotFoundError(
+        f"No checkpoint at {p}. Expected a converter checkpoint (DIR/{META_FILE} + DIR/variables/), "
+        f"a train.py workdir (WORKDIR/{CHECKPOINT_SUBDIR}/<step>/), or one of its step directories."
+    )
+
+
+def _read_train_meta(step_dir: epath.Path) -> dict[str, Any]:
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def load_meta(path: str | os.PathLike | CheckpointRef) -> dict[str, Any]:
+    """The checkpoint's description: format, model, model_kwargs (and step for train ones)."""
+    ref = path if isinstance(path, CheckpointRef) else resolve(path)
+    if ref.kind == "variables":
+        meta = json.loads((ref.path / META_FILE).read_text())
+        expected = VARIABLES_FORMAT
+    else:
+        meta = _read_train_meta(ref.path)
+        expected = TRAIN_FORMAT
+    if meta.get("format") != expected:
+        raise ValueError(f"{ref.path}: checkpoint format {meta.get('format')!r}, expected {expected!r}.")
+    return meta
+
+
+def saved_shapes(ref: CheckpointRef, item: str = "variables") -> dict[str, Any]:
+    """The saved arrays of one item as ShapeDtypeStructs (no data read)."""
+    item_dir = ref.path / item
+    if not item_dir.is_dir():
+        raise FileNotFoundError(f"{ref.path} has no {item!r} item.")
+    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def has_item(ref: CheckpointRef, item: str) -> bool:
+    return (ref.path / item).is_dir()
+
+
+def _key_name(key) -> str:
+    # Orbax reads namedtuples (optax states) back as dicts: compare by field name either way.
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def mismatches(saved: Any, expected: Any, *, ignore: Sequence[str] = ()) -> tuple[list, list, list]:
+    """(missing, unexpected, mis-shaped) leaf paths between two trees of shaped leaves."""
+
+    def flat(tree):
+        out = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = [_key_name(k) for k in path]
+            if not any(name in ignore for name in names):
+                out["/".join(names)] = tuple(leaf.shape)
+        return out
+
+    s, e = flat(saved), flat(expected)
+    missing = [f"{k} {e[k]}" for k in sorted(set(e) - set(s))]
+    unexpected = [f"{k} {s[k]}" for k in sorted(set(s) - set(e))]
+    mismatched = [f"{k}: checkpoint {s[k]}, model {e[k]}" for k in sorted(set(s) & set(e)) if s[k] != e[k]]
+    return missing, unexpected, mismatched
+
+
+def check_compatible(ref: CheckpointRef, expected: Any, *, what: str, item: str = "variables", ignore=()) -> None:
+    """Raises CheckpointMismatchError unless the item's arrays have the model's names and shapes."""
+    missing, unexpected, mismatched = mismatches(saved_shapes(ref, item), expected, ignore=ignore)
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(f"{ref.path / item}", what, missing, unexpected, mismatched)
+
+
+def load_variables(
+    path: str | os.PathLike | CheckpointRef, *, ema: bool = False, abstract: Any | None = None
+) -> dict[str, Any]:
+    """{"params", "batch_stats"} of any checkpoint (`ema=True`: the EMA weights of a train one).
+
+    Without `abstract` the arrays come back as host numpy arrays; with it (ShapeDtypeStructs,
+    optionally carrying shardings) they are restored as jax Arrays placed accordingly, after a
+    shape check that lists every mismatch.
+    """
+    ref = path if isinstance(path, CheckpointRef) else resolve(path)
+    item = "ema_variables" if ema else "variables"
+    item_dir = ref.path / item
+    if not item_dir.is_dir():
+        raise FileNotFoundError(f"{ref.path} has no {item!r} (EMA weights are only in train checkpoints with EMA).")
+    checkpointer = ocp.StandardCheckpointer()
+    if abstract is None:
+        return checkpointer.restore(item_dir)
+    check_compatible(ref, abstract, what="the model", item=item)
+    return checkpointer.restore(item_dir, abstract)
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> epath.Path:
+    """Writes a variables checkpoint at `path` (which must not exist), atomically.
+
+    `meta` must name the model ({"model": <create_model name>, "model_kwargs": {...}, ...});
+    "format" is added. Everything is written to a temporary sibling and renamed into place, so
+    `path` either does not exist or is complete.
+    """
+    path = epath.Path(os.path.abspath(path))
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new directory (nothing was overwritten).")
+    if "model" not in meta:
+        raise ValueError("meta must name the model: {'model': <create_model name>, 'model_kwargs': {...}}.")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+        checkpointer.save(tmp / "variables", tree)
+        checkpointer.wait_until_finished()
+        record = {"format": VARIABLES_FORMAT, "model_kwargs": {}, **dict(meta)}
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# train.py's CheckpointManager
+
+
+def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) -> ocp.CheckpointManager:
+    """Keeps the last `ckpt_cfg.keep` checkpoints and the best one by `best_metric` (if set)."""
+    policies: list = [checkpoint_managers.LatestN(n=max(1, int(ckpt_cfg.keep)))]
+    if ckpt_cfg.keep_best and best_metric:
+        policies.append(
+            checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], n=1, keep_checkpoints_without_metrics=False
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=bool(ckpt_cfg.asynchronous),
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        epath.Path(os.path.abspath(workdir)) / CHECKPOINT_SUBDIR,  # Orbax wants absolute paths
+        item_names=("variables", "ema_variables", "train", "meta"),
+        options=options,
+    )
+
+
+def _train_item(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def save_train_state(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    *,
+    step: int,
+    meta: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+) -> None:
+    """Starts an asynchronous save of `state` as checkpoint `step`."""
+    items = {
+        "variables": ocp.args.StandardSave(state.variables),
+        "train": ocp.args.StandardSave(_train_item(state)),
+        "meta": ocp.args.JsonSave({"format": TRAIN_FORMAT, **dict(meta), "step": int(step)}),
+    }
+    if state.has_ema:
+        items["ema_variables"] = ocp.args.StandardSave(state.ema_variables)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None, force=True)
+
+
+def restore_train_state(ref: CheckpointRef, abstract_state: TrainState) -> TrainState:
+    """The full train state of a train checkpoint, placed by the shardings in `abstract_state`.
+
+    Every item is shape-checked first, so another model's checkpoint fails with the list of
+    differences instead of an Orbax error.
+    """
+    if ref.kind != "train":
+        raise ValueError(
+            f"{ref.path} holds model variables only (no optimiser state): use config.init_from "
+            "to start from it, not a resume."
+        )
+    check_compatible(ref, abstract_state.variables, what="the configured model", item="variables")
+    check_compatible(ref, _train_item(abstract_state), what="the configured optimiser state", item="train")
+    checkpointer = ocp.StandardCheckpointer()
+    variables = checkpointer.restore(ref.path / "variables", abstract_state.variables)
+    train = checkpointer.restore(ref.path / "train", _train_item(abstract_state))
+    state = abstract_state.replace(
+        step=train["step"],
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=train["opt_state"],
+        rng=train["rng"],
+    )
+    if abstract_state.has_ema:
+        if has_item(ref, "ema_variables"):
+            ema = checkpointer.restore(ref.path / "ema_variables", abstract_state.ema_variables)
+        else:  # EMA switched on after the checkpoint: start it from the weights
+            ema = jax.tree.map(lambda x: x.copy(), variables)
+        state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
+    return state
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logging() -> None:
+    """Drops Orbax's INFO lines (dozens per save) from the absl log; its warnings stay."""
+    logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxInfoFilter())

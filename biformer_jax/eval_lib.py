@@ -1,0 +1,126 @@
+"""Evaluation: one pass over the eval split (top-1, top-5, loss), and eval.py's checkpoint evaluation."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from biformer_jax import checkpoint, data, models, sharding, steps
+
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def model_from_config(config, num_classes: int):
+    """config.model with config.model_kwargs and the dataset's number of classes."""
+    kwargs = dict(config.model_kwargs)
+    kwargs.setdefault("num_classes", num_classes)
+    return models.create_model(config.model, **kwargs)
+
+
+def model_meta(config, num_classes: int) -> dict[str, Any]:
+    """What a checkpoint records about its model (enough to rebuild it with create_model)."""
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config.model_kwargs).items()}
+    kwargs.setdefault("num_classes", num_classes)
+    return {"model": config.model, "model_kwargs": kwargs}
+
+
+def abstract_variables(model, image_size: int) -> dict[str, Any]:
+    """{"params", "batch_stats"} of `model` as ShapeDtypeStructs (no compute)."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def make_eval_step(model, mesh, variable_shardings) -> Callable:
+    return jax.jit(
+        functools.partial(steps.eval_step, model=model),
+        in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
+def evaluate(
+    eval_step: Callable,
+    variables: Any,
+    *,
+    config,
+    mesh,
+    num_examples: int,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """{"top1", "top5", "loss"} over the eval split (or its first config.eval_steps batches)."""
+    batch_size = config.eval_batch_size
+    sharding.check_batch_size(batch_size, mesh, "config.eval_batch_size")
+    total = math.ceil(num_examples / batch_size)
+    if config.eval_steps > 0:
+        total = min(total, config.eval_steps)
+    it = data.eval_iterator(
+        config.data, global_batch_size=batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    collected = None
+    report_every = max(1, total // 10)
+    for i, local in enumerate(it):
+        if i >= total:
+            break
+        m = eval_step(variables, sharding.global_batch(local, mesh))
+        collected = m if collected is None else collected.merge(m)
+        if (i + 1) % report_every == 0 or i + 1 == total:
+            logging.info("%s: %d/%d batches", desc, i + 1, total)
+    if collected is None:
+        raise ValueError(f"The eval split of {config.data.name!r} yielded no batches.")
+    return {k: float(v) for k, v in collected.compute().items()}
+
+
+def _write_json_atomically(path: str, record: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
+    """Top-1/top-5/loss of a checkpoint's weights (and of its EMA weights when it has them).
+
+    Returns {"top1", "top5", "loss", "num_examples", "checkpoint", "step", "model"} plus "ema":
+    {...} for train checkpoints with EMA, and writes the same to `eval_results.json` in the
+    checkpoint's directory.
+    """
+    mesh = sharding.create_mesh(config.mesh)
+    info = data.dataset_info(config.data)
+    model = model_from_config(config, info.num_classes)
+    ref = checkpoint.resolve(checkpoint_path)
+    meta = checkpoint.load_meta(ref)
+    if meta.get("model") != config.model:
+        logging.warning(
+            "The checkpoint was made for %r; evaluating it as config.model=%r.", meta.get("model"), config.model
+        )
+    abstract = abstract_variables(model, info.image_size)
+    shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp_min_size)
+    eval_step = make_eval_step(model, mesh, shardings)
+    results: dict[str, Any] = {
+        "checkpoint": os.fspath(ref.path),
+        "step": ref.step,
+        "model": config.model,
+        "dataset": config.data.name,
+        "num_examples": info.num_eval_examples,
+    }
+    variables = checkpoint.load_variables(ref, abstract=sharding.with_shardings(abstract, shardings))
+    results.update(evaluate(eval_step, variables, config=config, mesh=mesh, num_examples=info.num_eval_examples))
+    if ref.kind == "train" and checkpoint.has_item(ref, "ema_variables"):
+        ema = checkpoint.load_variables(ref, ema=True, abstract=sharding.with_shardings(abstract, shardings))
+        results["ema"] = evaluate(
+            eval_step, ema, config=config, mesh=mesh, num_examples=info.num_eval_examples, desc="eval (EMA)"
+        )
+    if jax.process_index() == 0:
+        _write_json_atomically(os.path.join(ref.path, EVAL_RESULTS_FILE), results)
+    return results

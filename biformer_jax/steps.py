@@ -1,0 +1,99 @@
+"""The train and eval steps: top-level pure functions, their dependencies passed as arguments.
+
+`train_lib` binds the keyword arguments with functools.partial and jits them over the mesh, the
+state donated. Nothing here reads a config or a global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from biformer_jax import metrics as metrics_lib
+from biformer_jax.train_state import TrainState, ema_update
+
+# (rng, images, labels) -> (images, soft targets (B, num_classes)); data.mixup_cutmix, bound.
+MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """timm's SoftTargetCrossEntropy per example: -sum(targets * log_softmax(logits)). (B,)"""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def step_rngs(state: TrainState) -> dict[str, jax.Array]:
+    """The step's random keys, a pure function of (base key, step): resumable bit for bit."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    mix, dropout, drop_path = jax.random.split(key, 3)
+    return {"mix": mix, "dropout": dropout, "drop_path": drop_path}
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    mix_fn: MixFn,
+    ema_decay: float,
+) -> tuple[TrainState, metrics_lib.TrainMetrics]:
+    """One optimisation step on a global batch {"image": (B, H, W, C), "label": (B,)}.
+
+    A non-finite loss or gradient leaves the state untouched (step included) and is counted in
+    the returned metrics, so the host can stop with the last good state and checkpoint.
+    """
+    rngs = step_rngs(state)
+    images, targets = mix_fn(rngs["mix"], batch["image"], batch["label"])
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rngs["dropout"], "drop_path": rngs["drop_path"]},
+        )
+        return soft_target_cross_entropy(logits, targets).mean(), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if state.has_ema:
+        new = new.replace(
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
+        )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss,
+        grad_norm=grad_norm,
+        param_norm=optax.tree.norm(params),
+        update_norm=optax.tree.norm(updates),
+        learning_rate=schedule(state.step),
+        nonfinite=(~finite).astype(jnp.float32),
+    )
+    return new, metrics
+
+
+def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model) -> metrics_lib.EvalMetrics:
+    """Loss, top-1 and top-5 of one global eval batch {"image", "label", "mask"} (mask 0 = padding)."""
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    labels = batch["label"]
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]  # (B,)
+    # top-k by rank: the label is in the top k when fewer than k logits beat it.
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)  # (B, 1)
+    rank = jnp.sum(logits > label_logit, axis=-1)  # (B,)
+    return metrics_lib.EvalMetrics.single_from_model_output(
+        loss=loss,
+        top1=(rank < 1).astype(jnp.float32),
+        top5=(rank < 5).astype(jnp.float32),
+        mask=batch["mask"] > 0,
+    )

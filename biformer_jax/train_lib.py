@@ -1,0 +1,328 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Setup, in order: mesh -> dataset info -> model, optimiser, schedule -> abstract state
+(`jax.eval_shape`) -> shardings -> initial state, created or restored already sharded. The
+initial state comes from, in this order (the first that exists wins): the workdir's own latest
+checkpoint (preemption / restart), `config.resume` (another run's train checkpoint),
+`config.init_from` (weights only: a converter or train checkpoint; a classifier of another size is
+re-initialised), else a fresh initialisation from `config.seed`.
+
+The loop runs the jitted `steps.train_step` (state donated) on global batches built from this
+host's slice, logs train metrics every `log_every_steps`, evaluates the raw and EMA weights every
+`eval_every_steps`, and saves asynchronously every `checkpoint.every_steps` and at the end. A
+non-finite loss stops the run (`NonFiniteLossError`) before anything bad is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import parameter_overview, periodic_actions
+
+from biformer_jax import checkpoint, data, eval_lib, optim, sharding, steps
+from biformer_jax import metrics as metrics_lib
+from biformer_jax.train_state import TrainState, init_train_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; the run stopped with its last good checkpoint kept."""
+
+
+def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps) from the config and the dataset size."""
+    batch = config.global_batch_size
+    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // batch
+    if steps_per_epoch <= 0:
+        raise ValueError(
+            f"global_batch_size={batch} is larger than the {num_train_examples} training examples; "
+            "lower it or set config.steps_per_epoch."
+        )
+    if config.num_train_steps > 0:
+        return steps_per_epoch, int(config.num_train_steps)
+    return steps_per_epoch, int((config.num_epochs + config.optim.cooldown_epochs) * steps_per_epoch)
+
+
+def _every(value: int, default: int) -> int:
+    return value if value > 0 else default
+
+
+def _init_from(config, state: TrainState, shardings: TrainState) -> TrainState:
+    """Replaces a fresh state's weights (and EMA) by those of config.init_from's checkpoint."""
+    ref = checkpoint.resolve(config.init_from)
+    saved = checkpoint.saved_shapes(ref)
+    head_ok = True
+    missing, unexpected, mismatched = checkpoint.mismatches(saved, state.variables, ignore=("head",))
+    if missing or unexpected or mismatched:
+        raise checkpoint.CheckpointMismatchError(
+            f"{ref.path} (config.init_from)", "the configured model", missing, unexpected, mismatched
+        )
+    model_head = state.params.get("head")
+    saved_head = saved["params"].get("head")
+    if model_head is not None:
+        head_ok = saved_head is not None and all(
+            tuple(saved_head[k].shape) == tuple(model_head[k].shape) for k in model_head if k in saved_head
+        )
+    loaded = checkpoint.load_variables(ref)  # host numpy
+    if not head_ok:
+        old = saved_head["kernel"].shape[-1] if saved_head and "kernel" in saved_head else "no"
+        logging.warning(
+            "init_from %s: the checkpoint's classifier has %s classes, the model %d: the head is re-initialised.",
+            ref.path,
+            old,
+            model_head["kernel"].shape[-1],
+        )
+        loaded["params"]["head"] = jax.device_get(state.params["head"])
+    elif model_head is None:
+        loaded["params"].pop("head", None)
+
+    def place(value, like, leaf_sharding):
+        value = np.asarray(value, dtype=like.dtype)
+        return jax.make_array_from_callback(value.shape, leaf_sharding, lambda index: value[index])
+
+    variables = jax.tree.map(
+        place,
+        {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
+        state.variables,
+        shardings.variables,
+    )
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if state.has_ema:
+        ema = jax.tree.map(lambda x: x.copy(), variables)
+        state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
+    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
+    return state
+
+
+def _init_compiler_options() -> dict[str, Any]:
+    # XLA:CPU spends an init's compile time LLVM-optimising one fusion per random initializer
+    # (~30 s for the micro model, 3x less unoptimised); the init runs once, so skip that work.
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def initial_state(config, manager, init_fn, abstract: TrainState, shardings: TrainState) -> TrainState:
+    """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch."""
+    abstract_sharded = sharding.with_shardings(abstract, shardings)
+    latest = manager.latest_step()
+    if latest is not None:
+        ref = checkpoint.CheckpointRef("train", manager.directory / str(latest), latest)
+        logging.info("Resuming from this workdir's checkpoint at step %d (%s).", latest, ref.path)
+        return checkpoint.restore_train_state(ref, abstract_sharded)
+    if config.resume:
+        ref = checkpoint.resolve(config.resume)
+        logging.info("Resuming from config.resume=%s (step %s).", ref.path, ref.step)
+        return checkpoint.restore_train_state(ref, abstract_sharded)
+    # The seed is an argument, not a constant, so runs that differ only in seed share one compile.
+    seed = np.int32(config.seed)
+    state = (
+        jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
+    )
+    if config.init_from:
+        return _init_from(config, state, shardings)
+    logging.info("Starting from scratch (seed %d).", config.seed)
+    return state
+
+
+def _hparams(config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def visit(prefix, value):
+        if hasattr(value, "items"):
+            for k, v in value.items():
+                visit(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    visit("", config)
+    return flat
+
+
+def _last_eval(workdir: str, step: int) -> dict[str, float]:
+    record = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE)).get(step, {})
+    return {k: v for k, v in record.items() if k.startswith("eval")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a run derives from its config before touching the workdir."""
+
+    mesh: Any
+    info: Any  # data.DatasetInfo
+    model: Any
+    meta: dict[str, Any]  # what checkpoints record about the model
+    tx: Any
+    schedule: Any
+    base_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    init_fn: Any  # seed -> TrainState
+    abstract: TrainState
+    shardings: TrainState
+
+
+def setup(config) -> Setup:
+    """Mesh, dataset info, model, optimiser, schedule and the abstract, sharded state."""
+    mesh = sharding.create_mesh(config.mesh)
+    info = data.dataset_info(config.data)
+    model = eval_lib.model_from_config(config, info.num_classes)
+    sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
+    steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
+    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
+    schedule = optim.lr_schedule(
+        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+    )
+    tx = optim.create_optimizer(config.optim, schedule)
+    input_shape = (1, info.image_size, info.image_size, 3)
+    init_fn = functools.partial(
+        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
+    )
+    abstract = jax.eval_shape(init_fn, np.int32(config.seed))
+    return Setup(
+        mesh=mesh,
+        info=info,
+        model=model,
+        meta=eval_lib.model_meta(config, info.num_classes),
+        tx=tx,
+        schedule=schedule,
+        base_lr=base_lr,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        init_fn=init_fn,
+        abstract=abstract,
+        shardings=sharding.state_shardings(abstract, mesh, config.sharding.fsdp_min_size),
+    )
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains config.model on config.data in `workdir`; returns the final eval metrics.
+
+    The returned dict holds "eval/top1", "eval/top5", "eval/loss" (and "eval_ema/..." with EMA).
+    """
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
+    run = setup(config)
+    os.makedirs(workdir, exist_ok=True)
+    best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
+    manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
+    try:
+        return _train_loop(config, workdir, run, manager, best_metric)
+    finally:
+        # Also on an exception: a save already under way completes (it holds a good state).
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str) -> dict[str, float]:
+    mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
+    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+    first_step = int(jax.device_get(state.step))
+
+    writer = metrics_lib.create_writer(workdir, process_index=jax.process_index())
+    logging.info(
+        "%s: %s parameters, %d steps (%d per epoch), global batch %d, lr %.3g, mesh %s.",
+        config.model,
+        f"{parameter_overview.count_parameters(run.abstract.params):,}",
+        total_steps,
+        run.steps_per_epoch,
+        batch,
+        run.base_lr,
+        dict(mesh.shape),
+    )
+    parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=60)
+    if first_step == 0:
+        writer.write_hparams(_hparams(config))
+    if first_step >= total_steps:
+        logging.info("The workdir's checkpoint is already at step %d of %d.", first_step, total_steps)
+        return _last_eval(workdir, first_step)
+
+    mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
+    train_step = jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=run.model,
+            tx=run.tx,
+            schedule=run.schedule,
+            mix_fn=mix_fn,
+            ema_decay=config.ema_decay,
+        ),
+        in_shardings=(run.shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(run.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_step = eval_lib.make_eval_step(run.model, mesh, run.shardings.variables)
+    train_iter = data.train_iterator(
+        config.data,
+        seed=config.seed,
+        start_step=first_step,
+        global_batch_size=batch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    log_every = _every(config.log_every_steps, run.steps_per_epoch)
+    eval_every = _every(config.eval_every_steps, run.steps_per_epoch)
+    ckpt_every = _every(config.checkpoint.every_steps, run.steps_per_epoch)
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+
+    collected, since, last_good, t0 = None, 0, first_step, time.perf_counter()
+    eval_metrics: dict[str, float] = {}
+    for step in range(first_step + 1, total_steps + 1):  # `step` = updates done after this iteration
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, m = train_step(state, sharding.global_batch(next(train_iter), mesh))
+        collected = m if collected is None else collected.merge(m)
+        since += 1
+        progress(step)
+        last = step == total_steps
+        do_eval, do_ckpt = step % eval_every == 0 or last, step % ckpt_every == 0 or last
+        if not (step % log_every == 0 or do_eval or do_ckpt):
+            continue
+        computed = collected.compute()  # waits for the steps so far
+        elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+        if computed["nonfinite"] > 0:
+            writer.flush()
+            raise NonFiniteLossError(
+                f"Stopped: the loss or gradient became NaN/inf between steps {last_good + 1} and {step} "
+                f"(those updates were not applied). The last good checkpoint "
+                f"(step {manager.latest_step()}) is kept in {manager.directory}. Lower config.optim.lr, "
+                "set config.optim.clip_grad_norm, or check the input data."
+            )
+        scalars = metrics_lib.prefixed({k: v for k, v in computed.items() if k != "nonfinite"}, "train")
+        scalars["train/img_per_sec"] = since * batch / elapsed
+        scalars["train/epoch"] = step / run.steps_per_epoch
+        writer.write_scalars(step, scalars)
+        collected, since, last_good = None, 0, step
+        eval_metrics = {}
+        if do_eval:
+            with progress.timed("eval"):
+                evals = {"eval": state.variables}
+                if state.has_ema:
+                    evals["eval_ema"] = state.ema_variables
+                for prefix, variables in evals.items():
+                    result = eval_lib.evaluate(
+                        eval_step,
+                        variables,
+                        config=config,
+                        mesh=mesh,
+                        num_examples=run.info.num_eval_examples,
+                        desc=prefix,
+                    )
+                    eval_metrics.update(metrics_lib.prefixed(result, prefix))
+            writer.write_scalars(step, eval_metrics)
+            t0 = time.perf_counter()  # img/s counts training only
+        if do_ckpt:
+            checkpoint.save_train_state(
+                manager, state, step=step, meta=run.meta, metrics=eval_metrics if best_metric in eval_metrics else None
+            )
+    writer.flush()
+    return eval_metrics
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """The final metrics as one JSON line (the last line train.py prints)."""
+    return json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in sorted(metrics.items())})

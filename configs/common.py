@@ -1,0 +1,165 @@
+"""The base config every experiment derives from: the official ImageNet-1K recipe.
+
+BiFormer (rayleizhu/BiFormer main.py + configs/train_args.yaml + README) and DeBiFormer
+(maclong01/DeBiFormer classification/main.py + README) both train with the DeiT `main.py` on top
+of timm; `get_base_config(recipe=...)` returns that recipe and the variant files override only
+what differs (model, drop path, and for DeBiFormer its own optimiser settings).
+
+Every field can be overridden on the command line (`--config.optim.lr=1e-3`); a mistyped field
+fails at once because train.py locks the config. `runlocal` shrinks a config to a few steps on a
+laptop CPU: same model and data, batch 8, 10 steps, 2 eval batches.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from biformer_jax import data
+
+
+def parse_arg(arg: str | None) -> dict[str, bool]:
+    """'runlocal' -> {"runlocal": True}; '' / None -> {}; anything else fails."""
+    flags = {}
+    for part in filter(None, (arg or "").split(",")):
+        if part != "runlocal":
+            raise ValueError(f"Unknown config argument {part!r}; the only one is 'runlocal'.")
+        flags[part] = True
+    return flags
+
+
+def imagenet_data() -> ml_collections.ConfigDict:
+    """TFDS imagenet2012 with the DeiT/timm train and eval transforms."""
+    cfg = data.default_config()
+    cfg.name = "imagenet2012"
+    cfg.image_size = 224
+    # train: bicubic RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip,
+    # RandAugment rand-m9-mstd0.5-inc1 (timm then skips color jitter), random erasing 0.25
+    # (per-pixel noise, 1 box), DeiT's repeated augmentation (3 repeats).
+    cfg.interpolation = "bicubic"
+    cfg.train_crop = "random_resized"
+    cfg.scale = (0.08, 1.0)
+    cfg.ratio = (3.0 / 4.0, 4.0 / 3.0)
+    cfg.hflip = True
+    cfg.randaugment = "rand-m9-mstd0.5-inc1"
+    cfg.color_jitter = 0.4
+    cfg.reprob = 0.25
+    cfg.remode = "pixel"
+    cfg.recount = 1
+    cfg.repeated_aug = 3
+    # eval: resize the shorter side to 256 (= 224 / 0.875, bicubic), center crop 224.
+    cfg.eval_resize = 256
+    return cfg
+
+
+def mixup() -> ml_collections.ConfigDict:
+    """Mixup 0.8 / CutMix 1.0, always on, switch probability 0.5, per batch, smoothing 0.1."""
+    cfg = data.default_mixup_config()
+    cfg.mixup_alpha = 0.8
+    cfg.cutmix_alpha = 1.0
+    cfg.prob = 1.0
+    cfg.switch_prob = 0.5
+    cfg.mode = "batch"
+    cfg.label_smoothing = 0.1
+    return cfg
+
+
+def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biformer") -> ml_collections.ConfigDict:
+    """The official recipe for `model` ("biformer": BiFormer's; "debiformer": DeBiFormer's)."""
+    config = ml_collections.ConfigDict()
+    config.model = model
+    # Passed to models.create_model (num_classes comes from the dataset).
+    config.model_kwargs = ml_collections.ConfigDict(dict(drop_path_rate=drop_path_rate, drop_rate=0.0))
+    config.seed = 0
+
+    config.data = imagenet_data()
+    config.mixup = mixup()
+
+    # 300 epochs at 128 images per GPU on 8 GPUs (README / scripts/train.sh).
+    config.global_batch_size = 1024
+    config.num_epochs = 300
+    config.num_train_steps = -1  # > 0: train exactly this many steps instead of num_epochs
+    config.steps_per_epoch = -1  # -1: num_train_examples // global_batch_size (drop_last)
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"
+    config.optim.lr = 5e-4  # per lr_base_batch_size images; scaled linearly with the global batch
+    config.optim.lr_base_batch_size = 512
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.05  # not on 1-D params (norms, biases): timm's rule
+    config.optim.clip_grad_norm = 0.0  # 0: off (BiFormer clip_grad None)
+    config.optim.schedule = "cosine"
+    config.optim.warmup_epochs = 5.0
+    config.optim.warmup_lr = 1e-6
+    config.optim.min_lr = 1e-5
+    # timm's CosineLRScheduler is stepped per epoch, after the epoch (epoch e trains at the rate of
+    # e - 1). timm's 10 cooldown epochs are never trained by the official main.py (it ignores the
+    # epoch count create_scheduler returns): cooldown_epochs=10 adds them (at min_lr).
+    config.optim.step_on_epochs = True
+    config.optim.epoch_lag = 1
+    config.optim.cooldown_epochs = 0
+
+    config.ema_decay = 0.99996  # timm ModelEma per step; 0 turns EMA off
+
+    config.log_every_steps = 100
+    config.eval_every_steps = -1  # -1: once per epoch, as the official loop
+    config.eval_batch_size = 1536  # 1.5 x the per-GPU batch x 8, as main.py
+    config.eval_steps = -1  # -1: the whole eval split
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = -1  # -1: once per epoch
+    config.checkpoint.keep = 3
+    config.checkpoint.keep_best = True
+    config.checkpoint.best_metric = "eval/top1"
+    config.checkpoint.asynchronous = True
+
+    config.resume = ""  # another run's train checkpoint (used when the workdir has none)
+    config.init_from = ""  # weights to fine-tune from (converter or train checkpoint)
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**18))
+
+    if recipe == "debiformer":
+        _debiformer_recipe(config)
+    elif recipe != "biformer":
+        raise ValueError(f"recipe={recipe!r}: use 'biformer' or 'debiformer'.")
+    return config
+
+
+def _debiformer_recipe(config: ml_collections.ConfigDict) -> None:
+    """maclong01/DeBiFormer: README command + classification/main.py defaults.
+
+    `bash train.sh 8 --model debiformer_small --batch-size 256 --lr 5e-4 --warmup-epochs 20
+    --weight-decay 0.1`; main.py: clip_grad 5, min_lr 5e-6, no model EMA, no repeated
+    augmentation, and create_model(model, num_classes) only, so the variant's own drop_path_rate
+    applies and the --drop/--drop-path flags do nothing.
+    """
+    config.global_batch_size = 2048  # 256 per GPU x 8 GPUs
+    config.optim.warmup_epochs = 20.0
+    config.optim.weight_decay = 0.1
+    config.optim.clip_grad_norm = 5.0
+    config.optim.min_lr = 5e-6
+    config.ema_decay = 0.0
+    config.data.repeated_aug = 1
+    config.eval_batch_size = 2000  # 250 per GPU x 8
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A few steps of the same model and data on a laptop CPU."""
+    config.global_batch_size = 8
+    config.num_train_steps = 10
+    config.steps_per_epoch = 5
+    config.log_every_steps = 1
+    config.eval_every_steps = 10
+    config.eval_batch_size = 8
+    config.eval_steps = 2
+    config.checkpoint.every_steps = 5
+    config.data.repeated_aug = 1
+    return config
+
+
+def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    if parse_arg(arg).get("runlocal"):
+        apply_runlocal(config)
+    return config

@@ -1,0 +1,100 @@
+"""Shared pieces of the trainer tests: a micro config on digits and a session compilation cache.
+
+Every trainer test trains the same micro BiFormer at 32x32 with the same batch shapes, so after
+the first test XLA's persistent compilation cache (a fresh directory per session) turns the
+remaining compiles into cache reads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from configs import biformer_s, quickstart
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CACHE_DIR: str | None = None
+
+
+def enable_compilation_cache() -> str:
+    global _CACHE_DIR
+    if _CACHE_DIR is None:
+        _CACHE_DIR = tempfile.mkdtemp(prefix="biformer-jax-test-xla-cache-")
+        jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return _CACHE_DIR
+
+
+def random_variables(model, seed: int = 0) -> dict:
+    """Weights of the model's shapes filled with numpy noise: a "pretrained" checkpoint without a compile."""
+    from biformer_jax import eval_lib
+
+    rng = np.random.default_rng(seed)
+    abstract = eval_lib.abstract_variables(model, 32)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:  # BatchNorm running variances must be positive
+            return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+        if not np.issubdtype(s.dtype, np.floating):  # num_batches_tracked
+            return np.zeros(s.shape, s.dtype)
+        return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _override(config, overrides):
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def imagenet_micro_config(data_dir, **overrides):
+    """BiFormer-S's ImageNet recipe (RandAugment, erasing, repeats, mixup/cutmix, EMA), micro model, 32 px."""
+    config = biformer_s.get_config("runlocal")
+    config.unlock()
+    config.model = "biformer_micro"
+    config.model_kwargs.depth = (1, 1, 1, 1)
+    config.data.data_dir = str(data_dir)
+    config.data.image_size, config.data.eval_resize = 32, 36
+    config.data.threads = config.data.prefetch = 2
+    config.data.repeated_aug = 3
+    config.global_batch_size = 24  # 3 per simulated CPU device; 8 images x 3 repeats
+    config.num_train_steps = 6
+    config.steps_per_epoch = 2
+    config.optim.warmup_epochs = 1.0
+    config.eval_every_steps = 4
+    config.checkpoint.every_steps = 2
+    config.eval_batch_size = 8
+    config.eval_steps = -1
+    config.ema_decay = 0.9
+    return _override(config, overrides)
+
+
+def micro_config(**overrides):
+    """The quickstart, shrunk: a 1-block-per-stage micro BiFormer, 4 steps of 16 digits."""
+    config = quickstart.get_config()
+    config.unlock()
+    config.model_kwargs.depth = (1, 1, 1, 1)
+    config.global_batch_size = 16  # 2 per simulated CPU device
+    config.num_train_steps = 4
+    config.steps_per_epoch = 2
+    config.optim.warmup_epochs = 0.0
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.eval_batch_size = 40
+    config.eval_steps = 1
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 2
+    config.checkpoint.asynchronous = True
+    config.ema_decay = 0.9  # exercise the EMA path
+    return _override(config, overrides)
