@@ -116,8 +116,14 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.resume = ""  # another run's train checkpoint (used when the workdir has none)
     config.init_from = ""  # weights to fine-tune from (converter or train checkpoint)
 
+    # Devices as a (data, fsdp) mesh; -1: all the remaining devices. fsdp > 1 shards every state
+    # array of at least fsdp_min_size elements along its largest dimension divisible by fsdp
+    # (smaller ones, e.g. biases and norms, stay replicated); fsdp = 1 is pure data parallelism.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**18))
+    config.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 params/optimiser/BN stats
+    config.grad_accum_steps = 1  # k > 1: k micro-batches of global_batch_size / k per update
+    config.remat_stages = ()  # stages (0-3) recomputed in the backward pass (use_checkpoint_stages)
 
     if recipe == "debiformer":
         _debiformer_recipe(config)

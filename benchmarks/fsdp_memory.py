@@ -1,0 +1,123 @@
+"""Per-device bytes of BiFormer-B's training state under FSDP, N = 1, 2, 4, 8 devices.
+
+    python benchmarks/fsdp_memory.py [--config=configs/biformer_b.py] [--devices=1,2,4,8]
+
+For each N, a (data=1, fsdp=N) mesh over N simulated CPU devices; the state (params, AdamW
+moments, EMA copies, BatchNorm statistics) is laid out by `sharding.state_shardings` with the
+config's `fsdp_min_size`, and the initialisation `jit(init, out_shardings=...)` is compiled from
+abstract inputs only (nothing runs). The table gives XLA's compiled memory analysis (the
+init's output bytes per device = the state each device holds) next to the bytes the layout
+implies per component, and the ratio to N = 1. No weights are computed; only compiles run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "biformer_b.py"))
+    parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts N")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--num_classes", type=int, default=1000)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    counts = [int(n) for n in args.devices.split(",")]
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(counts)}"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import jax
+    import numpy as np
+    from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+
+    from biformer_jax import models, optim, sharding
+    from biformer_jax.train_state import init_train_state
+
+    config = _load_config(args.config)
+    model = models.create_model(config.model, num_classes=args.num_classes, **dict(config.model_kwargs))
+    schedule = optim.lr_schedule(config.optim, base_lr=1e-3, steps_per_epoch=1000, num_epochs=config.num_epochs)
+    tx = optim.create_optimizer(config.optim, schedule)
+    init_fn = functools.partial(
+        init_train_state,
+        model=model,
+        tx=tx,
+        input_shape=(1, args.image_size, args.image_size, 3),
+        use_ema=config.ema_decay > 0,
+    )
+    seed = np.int32(0)
+    abstract = jax.eval_shape(init_fn, seed)
+    min_size = int(config.sharding.fsdp_min_size)
+    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    print(
+        f"{config.model}: {n_params / 1e6:.2f} M parameters, EMA {'on' if config.ema_decay > 0 else 'off'}, "
+        f"fsdp_min_size {min_size}, jax {jax.__version__}, backend {jax.default_backend()}"
+    )
+
+    rows = []
+    for n in counts:
+        mesh = sharding.create_mesh({"data": 1, "fsdp": n}, jax.devices()[:n])
+        shardings = sharding.state_shardings(abstract, mesh, min_size)
+        # Unoptimised LLVM code: the memory layout is the same, the compile much shorter on CPU.
+        compiled = (
+            jax.jit(init_fn, out_shardings=shardings)
+            .lower(seed)
+            .compile(compiler_options={"xla_backend_optimization_level": 0})
+        )
+        analysis = compiled.memory_analysis()
+        compiled_bytes = int(analysis.output_size_in_bytes) if analysis is not None else -1
+
+        def per_device(tree, shardings_tree):
+            sizes = jax.tree.map(
+                lambda x, s: int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize, tree, shardings_tree
+            )
+            return sum(jax.tree.leaves(sizes))
+
+        parts = {
+            "params": per_device(abstract.params, shardings.params),
+            "opt_state": per_device(abstract.opt_state, shardings.opt_state),
+            "ema": per_device(
+                (abstract.ema_params, abstract.ema_batch_stats), (shardings.ema_params, shardings.ema_batch_stats)
+            ),
+        }
+        rows.append((n, compiled_bytes, parts))
+
+    base = rows[0][1]
+    mib = 2.0**20
+    print()
+    print("| N (fsdp) | compiled state bytes / device | x of N=1 | 1/N | params | AdamW mu+nu | EMA |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n, compiled_bytes, parts in rows:
+        print(
+            f"| {n} | {compiled_bytes / mib:,.1f} MiB | {compiled_bytes / base:.3f} | {1 / n:.3f} | "
+            f"{parts['params'] / mib:,.1f} MiB | {parts['opt_state'] / mib:,.1f} MiB | {parts['ema'] / mib:,.1f} MiB |"
+        )
+    params_opt = [(n, p["params"] + p["opt_state"]) for n, _, p in rows]
+    print()
+    print("params + optimizer state per device: " + ", ".join(f"N={n}: {b / mib:,.1f} MiB" for n, b in params_opt))
+
+
+def _load_config(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT))
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+if __name__ == "__main__":
+    main()
