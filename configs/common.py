@@ -36,6 +36,7 @@ def imagenet_data() -> ml_collections.ConfigDict:
     # RandAugment rand-m9-mstd0.5-inc1 (timm then skips color jitter), random erasing 0.25
     # (per-pixel noise, 1 box), DeiT's repeated augmentation (3 repeats).
     cfg.interpolation = "bicubic"
+    cfg.train_crop = "random_resized"
     cfg.scale = (0.08, 1.0)
     cfg.ratio = (3.0 / 4.0, 4.0 / 3.0)
     cfg.hflip = True

@@ -150,7 +150,9 @@ def test_sweep_runs_every_point_and_writes_a_summary(tmp_path):
     assert all(0.0 <= r["eval/top1"] <= 1.0 and r["step"] == 2 for r in rows)
     assert _losses(tmp_path / "root" / "seed=0")[1] != _losses(tmp_path / "root" / "seed=1")[1]
     csv_lines = (tmp_path / "root" / "summary.csv").read_text().splitlines()
-    assert csv_lines[0].split(",")[:3] == ["run", "seed", "step"] and "eval/top1" in csv_lines[0] and len(csv_lines) == 3
+    assert (
+        csv_lines[0].split(",")[:3] == ["run", "seed", "step"] and "eval/top1" in csv_lines[0] and len(csv_lines) == 3
+    )
     assert "| seed=1 | 1 | 2 |" in (tmp_path / "root" / "summary.md").read_text()
     with pytest.raises(KeyError, match="no field 'lrr'"):
         sweeps.apply_overrides(config, {"optim.lrr": 1.0})

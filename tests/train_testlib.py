@@ -7,26 +7,15 @@ remaining compiles into cache reads.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from configs import quickstart
+
 ROOT = Path(__file__).resolve().parents[1]
-
-try:  # TEMPORARY until the data branch lands: the digits stand-in under the agreed interface.
-    from biformer_jax import data as _data  # noqa: F401
-except ImportError:
-    import data_standin
-
-    import biformer_jax
-
-    sys.modules["biformer_jax.data"] = data_standin
-    biformer_jax.data = data_standin
-
-from configs import quickstart  # noqa: E402
 
 _CACHE_DIR: str | None = None
 
