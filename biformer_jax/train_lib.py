@@ -291,7 +291,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         since += 1
         progress(step)
         last = step == total_steps
-        preempted = watcher.reached(step)  # SIGTERM: log and save this step, then stop
+        preempted = watcher.reached(step) and not last  # SIGTERM: log and save this step, then stop
         do_eval, do_ckpt = step % eval_every == 0 or last, step % ckpt_every == 0 or last or preempted
         if not (step % log_every == 0 or do_eval or do_ckpt):
             continue

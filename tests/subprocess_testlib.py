@@ -22,7 +22,10 @@ HARNESS = ROOT / "tests" / "train_harness.py"
 NUM_STEPS = 6
 RUN_TIMEOUT_S = 600
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="biformer-jax-subprocess-xla-cache-")
+# BIFORMER_JAX_TEST_XLA_CACHE: reuse a cache across sessions (e.g. while developing a test).
+_CACHE_DIR = os.environ.get("BIFORMER_JAX_TEST_XLA_CACHE") or tempfile.mkdtemp(
+    prefix="biformer-jax-subprocess-xla-cache-"
+)
 
 
 def train_flags(workdir, **overrides) -> list[str]:

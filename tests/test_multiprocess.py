@@ -9,6 +9,8 @@ match a single process driving 2 devices with the same global batch.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 
 import numpy as np
@@ -74,3 +76,33 @@ def test_two_processes_train_checkpoint_resume_and_equal_one_process(tmp_path):
     for key, value in final_single.items():
         assert final_pair[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert not [line for line in (tmp_path / "resumed.1.log").read_text().splitlines() if line.startswith('{"eval')]
+
+
+def test_sigterm_stops_both_processes_after_the_same_step_and_they_resume(tmp_path):
+    """The preemption notice goes through JAX's sync service: both save the same step, exit 0."""
+    workdir, marker = tmp_path / "pair", tmp_path / "paused"
+    port = _free_port()
+    procs, logs = [], []
+    try:
+        for i in range(2):
+            flags = sp.train_flags(workdir) + [
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ]
+            logs.append(tmp_path / f"first.{i}.log")
+            env = sp.env(1, HARNESS_PAUSE_AFTER_STEP="2", HARNESS_MARKER=str(marker))
+            procs.append(sp.start(flags, env, logs[-1]))
+        sp.wait_for(marker, procs[0], logs[0])  # step 2 done; both wait before step 3
+        for proc in procs:  # as SLURM / a TPU VM does: every process gets the notice
+            os.kill(proc.pid, signal.SIGTERM)
+        codes = [proc.wait(timeout=sp.RUN_TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            sp.kill(proc)
+    assert codes == [0, 0], "\n".join(sp.tail(log) for log in logs)
+    assert sp.checkpoint_steps(workdir) == [2, 3]  # the agreed step: the one after the notice
+    assert sorted(sp.losses(workdir)) == [1, 2, 3]
+    _run_pair(workdir, tmp_path, "resumed")
+    assert sp.checkpoint_steps(workdir)[-1] == sp.NUM_STEPS
+    assert sorted(sp.losses(workdir)) == list(range(1, sp.NUM_STEPS + 1))

@@ -17,10 +17,12 @@ from biformer_jax import checkpoint, data, sharding, train_lib
 
 NUM_STEPS = 3
 # Tolerances: a sharded step sums the same numbers in another order (per-device partial sums,
-# then an all-reduce), so float32 results differ in the last bits, amplified a little by 3 AdamW
-# steps. Measured differences are ~1e-7 (losses, relative) and ~1e-6 (parameters, absolute).
+# then an all-reduce), so float32 results differ in the last bits. AdamW divides each gradient
+# by its own running RMS, which turns pure rounding noise (the gradient of a conv bias that feeds
+# BatchNorm is analytically zero) into +-lr steps; the test raises eps to 1e-3 so such noise
+# stays noise (~1e-9 gradients -> ~lr * 1e-6 updates) while real gradients (~1e-2) still train.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-4
+PARAM_ATOL = 1e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +33,7 @@ def _compile_cache():
 def _config(data_axis: int, fsdp_axis: int, **overrides):
     # fsdp_min_size 64: small enough that the micro model's kernels are sharded over fsdp.
     return train_testlib.micro_config(
-        **{"mesh.data": data_axis, "mesh.fsdp": fsdp_axis, "sharding.fsdp_min_size": 64, **overrides}
+        **{"mesh.data": data_axis, "mesh.fsdp": fsdp_axis, "sharding.fsdp_min_size": 64, "optim.eps": 1e-3, **overrides}
     )
 
 
@@ -71,6 +73,12 @@ def test_sharded_run_equals_single_device(mesh, single_device, tmp_path):
     losses, state, run = _train(_config(*mesh), 8, tmp_path)
     assert dict(run.mesh.shape) == {"data": mesh[0], "fsdp": mesh[1]}
 
+    loss_diff = max(abs(a / b - 1) for a, b in zip(losses, ref_losses))
+    param_diff = max(
+        float(np.max(np.abs(np.asarray(g) - w)))
+        for g, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params))
+    )
+    print(f"mesh {mesh}: max relative loss difference {loss_diff:.2e}, max abs param difference {param_diff:.2e}")
     np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
     assert len(set(losses)) == NUM_STEPS  # the model really trained (losses move)
     for got, want in ((state.params, ref_params), (state.ema_params, ref_ema)):

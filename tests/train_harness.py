@@ -7,7 +7,8 @@ file the test waits for, so the test acts at a known point instead of guessing w
 
 * HARNESS_PAUSE_AFTER_STEP=N: once step N is done the input iterator writes
   $HARNESS_MARKER and waits (up to 120 s) until a SIGTERM has reached train.py's handler, so
-  the test's external SIGTERM arrives mid-run, with more steps to go.
+  the test's external SIGTERM arrives mid-run, with more steps to go (several processes: it
+  waits HARNESS_PAUSE_SECONDS, default 10, for JAX's notifier instead).
 * HARNESS_HANG_SAVE_STEP=N: the save of checkpoint N writes everything into Orbax's temporary
   directory, then writes $HARNESS_MARKER and hangs before the atomic rename that commits it, so
   the test's `kill -9` lands in the middle of that save.
@@ -31,6 +32,8 @@ def _mark() -> None:
 
 
 def _install_pause(step: int) -> None:
+    import jax
+
     from biformer_jax import data, preemption
 
     received = threading.Event()
@@ -45,10 +48,14 @@ def _install_pause(step: int) -> None:
 
     def pausing(*args, start_step, **kwargs):
         for i, batch in enumerate(real_iterator(*args, start_step=start_step, **kwargs)):
-            if start_step + i == step + 1:  # fetching step N + 1's batch: step N is done
+            if start_step + i == step:  # batch i is step start_step + i + 1: step N is done
                 _mark()
+                if jax.process_count() > 1:
+                    # No Python handler here (JAX's notifier takes SIGTERM): give the notice time
+                    # to reach the coordination service; the stop step is agreed there.
+                    time.sleep(float(os.environ.get("HARNESS_PAUSE_SECONDS", "10")))
                 deadline = time.monotonic() + 120
-                while not received.is_set() and time.monotonic() < deadline:
+                while not received.is_set() and time.monotonic() < deadline and jax.process_count() == 1:
                     time.sleep(0.02)
             yield batch
 
