@@ -20,7 +20,7 @@ from biformer_jax import metrics as metrics_lib
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "train_harness.py"
 NUM_STEPS = 6
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 1500  # generous: compiles on a loaded 2-core machine take minutes
 
 # BIFORMER_JAX_TEST_XLA_CACHE: reuse a cache across sessions (e.g. while developing a test).
 _CACHE_DIR = os.environ.get("BIFORMER_JAX_TEST_XLA_CACHE") or tempfile.mkdtemp(
