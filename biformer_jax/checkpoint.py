@@ -87,7 +87,7 @@ def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
 
 def resolve(path: str | os.PathLike) -> CheckpointRef:
     """Which checkpoint `path` means; raises FileNotFoundError with what was expected."""
-    p = epath.Path(path)
+    p = epath.Path(os.path.abspath(path))  # Orbax wants absolute paths
     if (p / META_FILE).exists():
         return CheckpointRef("variables", p)
     if (p / "variables").is_dir() and (p / "meta").is_dir():
@@ -194,7 +194,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], meta: 
     "format" is added. Everything is written to a temporary sibling and renamed into place, so
     `path` either does not exist or is complete.
     """
-    path = epath.Path(path)
+    path = epath.Path(os.path.abspath(path))
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new directory (nothing was overwritten).")
     if "model" not in meta:
@@ -243,7 +243,7 @@ def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) ->
         create=True,
     )
     return ocp.CheckpointManager(
-        epath.Path(workdir) / CHECKPOINT_SUBDIR,
+        epath.Path(os.path.abspath(workdir)) / CHECKPOINT_SUBDIR,  # Orbax wants absolute paths
         item_names=("variables", "ema_variables", "train", "meta"),
         options=options,
     )

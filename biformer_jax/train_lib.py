@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     The returned dict holds "eval/top1", "eval/top5", "eval/loss" (and "eval_ema/..." with EMA).
     """
-    workdir = os.fspath(workdir)
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
     run = setup(config)
     os.makedirs(workdir, exist_ok=True)
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""

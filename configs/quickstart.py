@@ -3,8 +3,8 @@
     python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 Trains `biformer_micro` (every BiFormer code path: routing attention in stages 1-3, global
-attention with LePE in stage 4, n_win 2) on the 1437 training digits upsampled to 32x32 and
-evaluates on the 360 held-out ones. Expected: top-1 >= 0.98 (see README for the measured figure
+attention with LePE in stage 4, n_win 2) on the 1438 training digits upsampled to 32x32 and
+evaluates on the 359 held-out ones. Expected: top-1 >= 0.98 (see README for the measured figure
 and wall time on 2 CPU cores, compilation included). Augmentation, mixup and EMA are off: the
 digits are centred and the run is too short for an EMA of 0.99996 to move.
 """
@@ -23,8 +23,9 @@ def get_config(arg=None):
     config.mixup.prob = 0.0
     config.mixup.label_smoothing = 0.1
 
+    # 15 epochs of 22 steps: 0.9944 held-out top-1 for seeds 0 and 1 (>= 0.98 from epoch 7 on).
     config.global_batch_size = 64
-    config.num_epochs = 30
+    config.num_epochs = 15
     config.optim.lr = 2e-3  # for the whole batch of 64
     config.optim.lr_base_batch_size = 64
     config.optim.warmup_epochs = 1.0
@@ -33,9 +34,10 @@ def get_config(arg=None):
     config.optim.min_lr = 1e-5
     config.ema_decay = 0.0
 
-    config.log_every_steps = 50
-    config.eval_every_steps = -1
+    # 1438 // 64 = 22 steps per epoch: log every epoch, evaluate and save every 5 and at the end.
+    config.log_every_steps = 22
+    config.eval_every_steps = 110
     config.eval_batch_size = 120
-    config.checkpoint.every_steps = -1
+    config.checkpoint.every_steps = 110
     config.checkpoint.keep = 1
     return common.finish(config, arg)
