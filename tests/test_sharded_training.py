@@ -21,6 +21,8 @@ NUM_STEPS = 3
 # by its own running RMS, which turns pure rounding noise (the gradient of a conv bias that feeds
 # BatchNorm is analytically zero) into +-lr steps; the test raises eps to 1e-3 so such noise
 # stays noise (~1e-9 gradients -> ~lr * 1e-6 updates) while real gradients (~1e-2) still train.
+# Measured (2-core CPU, jax 0.10.2): data 8: losses 1.1e-7 relative, parameters 7.5e-8 absolute;
+# data 2 x fsdp 4: 1.1e-7 and 1.2e-7 (with eps 1e-8 a pre-BatchNorm conv bias drifts by 4e-4).
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
