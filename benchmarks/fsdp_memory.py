@@ -7,7 +7,8 @@ moments, EMA copies, BatchNorm statistics) is laid out by `sharding.state_shardi
 config's `fsdp_min_size`, and the initialisation `jit(init, out_shardings=...)` is compiled from
 abstract inputs only (nothing runs). The table gives XLA's compiled memory analysis (the
 init's output bytes per device = the state each device holds) next to the bytes the layout
-implies per component, and the ratio to N = 1. No weights are computed; only compiles run.
+implies per component, and the ratios to N = 1. No weights are computed; only compiles run
+(`--no_compile`: the layout's bytes only, in seconds).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ def _parse():
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts N")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--fsdp_min_size", type=int, default=0, help="0: the config's sharding.fsdp_min_size")
+    parser.add_argument(
+        "--no_compile", action="store_true", help="only the bytes the layout implies (no compile; seconds)"
+    )
     return parser.parse_args()
 
 
@@ -59,7 +64,7 @@ def main() -> None:
     )
     seed = np.int32(0)
     abstract = jax.eval_shape(init_fn, seed)
-    min_size = int(config.sharding.fsdp_min_size)
+    min_size = args.fsdp_min_size or int(config.sharding.fsdp_min_size)
     n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     print(
         f"{config.model}: {n_params / 1e6:.2f} M parameters, EMA {'on' if config.ema_decay > 0 else 'off'}, "
@@ -70,14 +75,16 @@ def main() -> None:
     for n in counts:
         mesh = sharding.create_mesh({"data": 1, "fsdp": n}, jax.devices()[:n])
         shardings = sharding.state_shardings(abstract, mesh, min_size)
-        # Unoptimised LLVM code: the memory layout is the same, the compile much shorter on CPU.
-        compiled = (
-            jax.jit(init_fn, out_shardings=shardings)
-            .lower(seed)
-            .compile(compiler_options={"xla_backend_optimization_level": 0})
-        )
-        analysis = compiled.memory_analysis()
-        compiled_bytes = int(analysis.output_size_in_bytes) if analysis is not None else -1
+        compiled_bytes = -1
+        if not args.no_compile:
+            # Unoptimised LLVM code: the memory layout is the same, the compile much shorter on CPU.
+            compiled = (
+                jax.jit(init_fn, out_shardings=shardings)
+                .lower(seed)
+                .compile(compiler_options={"xla_backend_optimization_level": 0})
+            )
+            analysis = compiled.memory_analysis()
+            compiled_bytes = int(analysis.output_size_in_bytes) if analysis is not None else -1
 
         def per_device(tree, shardings_tree):
             sizes = jax.tree.map(
@@ -94,19 +101,23 @@ def main() -> None:
         }
         rows.append((n, compiled_bytes, parts))
 
-    base = rows[0][1]
     mib = 2.0**20
+    base_compiled = rows[0][1]
+    base_layout = rows[0][2]["params"] + rows[0][2]["opt_state"]
     print()
-    print("| N (fsdp) | compiled state bytes / device | x of N=1 | 1/N | params | AdamW mu+nu | EMA |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| N (fsdp) | compiled state bytes / device | x of N=1 | params + AdamW / device | x of N=1 | 1/N "
+        "| params | AdamW mu+nu | EMA |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, compiled_bytes, parts in rows:
+        layout = parts["params"] + parts["opt_state"]
+        compiled = "not compiled" if compiled_bytes < 0 else f"{compiled_bytes / mib:,.1f} MiB"
+        ratio = "-" if compiled_bytes < 0 else f"{compiled_bytes / base_compiled:.3f}"
         print(
-            f"| {n} | {compiled_bytes / mib:,.1f} MiB | {compiled_bytes / base:.3f} | {1 / n:.3f} | "
+            f"| {n} | {compiled} | {ratio} | {layout / mib:,.1f} MiB | {layout / base_layout:.3f} | {1 / n:.3f} | "
             f"{parts['params'] / mib:,.1f} MiB | {parts['opt_state'] / mib:,.1f} MiB | {parts['ema'] / mib:,.1f} MiB |"
         )
-    params_opt = [(n, p["params"] + p["opt_state"]) for n, _, p in rows]
-    print()
-    print("params + optimizer state per device: " + ", ".join(f"N={n}: {b / mib:,.1f} MiB" for n, b in params_opt))
 
 
 def _load_config(path: str):
