@@ -4,11 +4,13 @@
 
 For each N, a (data=1, fsdp=N) mesh over N simulated CPU devices; the state (params, AdamW
 moments, EMA copies, BatchNorm statistics) is laid out by `sharding.state_shardings` with the
-config's `fsdp_min_size`, and the initialisation `jit(init, out_shardings=...)` is compiled from
-abstract inputs only (nothing runs). The table gives XLA's compiled memory analysis (the
-init's output bytes per device = the state each device holds) next to the bytes the layout
-implies per component, and the ratios to N = 1. No weights are computed; only compiles run
-(`--no_compile`: the layout's bytes only, in seconds).
+config's `fsdp_min_size`, and a jitted function producing that state with
+`out_shardings=...` is compiled from abstract inputs only (nothing runs): by default one that
+fills the state's shapes with zeros (seconds), with `--init` the real initialisation (the same
+output layout, but it traces the model's forward: minutes on CPU). The table gives XLA's
+compiled memory analysis (output bytes per device = the state each device holds) next to the
+bytes the layout implies per component, and the ratios to N = 1 (`--no_compile`: the layout's
+bytes only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def _parse():
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts N")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument(
+        "--init", action="store_true", help="compile the real initialisation (runs the model's forward: minutes on CPU)"
+    )
     parser.add_argument("--fsdp_min_size", type=int, default=0, help="0: the config's sharding.fsdp_min_size")
     parser.add_argument(
         "--no_compile", action="store_true", help="only the bytes the layout implies (no compile; seconds)"
@@ -78,8 +83,9 @@ def main() -> None:
         compiled_bytes = -1
         if not args.no_compile:
             # Unoptimised LLVM code: the memory layout is the same, the compile much shorter on CPU.
+            fn = init_fn if args.init else functools.partial(_zeros_like_state, abstract)
             compiled = (
-                jax.jit(init_fn, out_shardings=shardings)
+                jax.jit(fn, out_shardings=shardings)
                 .lower(seed)
                 .compile(compiler_options={"xla_backend_optimization_level": 0})
             )
@@ -118,6 +124,15 @@ def main() -> None:
             f"| {n} | {compiled} | {ratio} | {layout / mib:,.1f} MiB | {layout / base_layout:.3f} | {1 / n:.3f} | "
             f"{parts['params'] / mib:,.1f} MiB | {parts['opt_state'] / mib:,.1f} MiB | {parts['ema'] / mib:,.1f} MiB |"
         )
+
+
+def _zeros_like_state(abstract, seed):
+    """A state of the abstract state's shapes and dtypes: the same output layout as the init, compiled in seconds."""
+    import jax
+    import jax.numpy as jnp
+
+    del seed
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
 
 
 def _load_config(path: str):
