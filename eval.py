@@ -7,11 +7,12 @@ to DIR/eval_results.json (the step directory for a workdir).
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, eval_lib
+from biformer_jax import checkpoint, data, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -24,7 +25,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoint.quiet_orbax_logging()
-    results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    try:
+        results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, FileNotFoundError) as e:
+        # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     print(json.dumps(results, sort_keys=True), flush=True)
 
 

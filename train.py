@@ -10,11 +10,13 @@ Several processes (hosts): SLURM, Open MPI and Cloud TPU pod slices are detected
 process 0 writes logs and metrics; every process writes its shards of each checkpoint.
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, distributed, preemption, train_lib
+from biformer_jax import checkpoint, data, distributed, preemption, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -51,6 +53,10 @@ def main(argv):
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         raise  # SystemExit(0)
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, train_lib.NonFiniteLossError) as e:
+        # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if jax.process_index() == 0:
         print(train_lib.summary_line(metrics), flush=True)
 

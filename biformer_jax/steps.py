@@ -104,7 +104,7 @@ def train_step(
         )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     if state.has_ema:
         new = new.replace(
@@ -116,8 +116,8 @@ def train_step(
     metrics = metrics_lib.TrainMetrics.single_from_model_output(
         loss=loss,
         grad_norm=grad_norm,
-        param_norm=optax.global_norm(params),
-        update_norm=optax.global_norm(updates),
+        param_norm=optax.tree.norm(params),
+        update_norm=optax.tree.norm(updates),
         learning_rate=schedule(state.step),
         nonfinite=(~finite).astype(jnp.float32),
     )

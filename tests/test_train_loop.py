@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
+import imagenet_fixture
 import jax
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import train_testlib
 
 from biformer_jax import checkpoint, data, eval_lib, models, sweeps, train_lib
 from biformer_jax import metrics as metrics_lib
+from biformer_jax.convert import files as convert_files
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,12 +54,70 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
     assert json.loads((ref.path / eval_lib.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
 
 
+def _converter_meta(**model_kwargs) -> dict:
+    return {
+        "format": checkpoint.VARIABLES_FORMAT,
+        "model": "biformer_micro",
+        "model_kwargs": {"depth": [1, 1, 1, 1], **model_kwargs},
+        "source": "BiFormer-micro.pth",
+        "weights": "model",
+    }
+
+
+def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path):
+    model = models.create_model("biformer_micro", depth=(1, 1, 1, 1), num_classes=10)
+    variables = train_testlib.random_variables(model, seed=1)
+    convert_files.save_converted(tmp_path / "converted", variables, _converter_meta(num_classes=10))
+    config_file = tmp_path / "micro.py"  # the tests' micro config, so the eval compile is a cache hit
+    config_file.write_text(
+        f"import sys\nsys.path.insert(0, {str(train_testlib.ROOT / 'tests')!r})\n"
+        "import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
+    )
+    env = {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": train_testlib.enable_compilation_cache(),
+        "PYTHONPATH": str(train_testlib.ROOT),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            f"--config={config_file}",
+            "--config.eval_steps=-1",
+            f"--checkpoint={tmp_path / 'converted'}",
+        ],
+        cwd=train_testlib.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and np.isfinite(result["loss"])
+    assert result["num_examples"] == data.dataset_info(train_testlib.micro_config().data).num_eval_examples
+    assert "ema" not in result  # a converter checkpoint holds one set of weights
+    assert json.loads((tmp_path / "converted" / eval_lib.EVAL_RESULTS_FILE).read_text()) == result
+    # The same numbers in process, through the converter's own reader of that directory.
+    loaded, meta = convert_files.load_converted(tmp_path / "converted")
+    assert meta["model"] == "biformer_micro"
+    direct = eval_lib.evaluate_checkpoint(train_testlib.micro_config(eval_steps=-1), str(tmp_path / "converted"))
+    assert direct["top1"] == pytest.approx(result["top1"]) and direct["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    np.testing.assert_array_equal(loaded["params"]["head"]["kernel"], variables["params"]["head"]["kernel"])
+
+
 class Preempted(Exception):
     pass
 
 
-def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch):
-    config = train_testlib.micro_config(num_train_steps=6)
+@pytest.fixture(scope="module")
+def mini_imagenet(tmp_path_factory):
+    """TFDS imagenet2012 built from 3 classes x 8 train JPEGs + 3 validation JPEGs."""
+    return imagenet_fixture.build_mini_imagenet(tmp_path_factory.mktemp("imagenet"), per_class=8)
+
+
+def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, mini_imagenet):
+    config = train_testlib.imagenet_micro_config(mini_imagenet)
     train_lib.train_and_evaluate(config, tmp_path / "straight")
 
     real_iterator = data.train_iterator
@@ -101,7 +163,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog):
     config = train_testlib.micro_config()
     variables = train_testlib.random_variables(models.create_model("biformer_micro", depth=(1, 1, 1, 1), num_classes=7))
-    checkpoint.save_variables(tmp_path / "pretrained", variables, {"model": "biformer_micro", "model_kwargs": {}})
+    # Written by the converter's own writer (python -m biformer_jax.convert), as official weights would be.
+    convert_files.save_converted(tmp_path / "pretrained", variables, _converter_meta(num_classes=7))
 
     config.unlock()
     config.init_from = str(tmp_path / "pretrained")
@@ -128,7 +191,7 @@ def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path):
         "biformer_micro", depth=(1, 1, 1, 1), embed_dim=(8, 32, 64, 128), qk_dims=(8, 32, 64, 128)
     )
     variables = train_testlib.random_variables(other)
-    checkpoint.save_variables(tmp_path / "other", variables, {"model": "biformer_micro"})
+    convert_files.save_converted(tmp_path / "other", variables, _converter_meta(embed_dim=[8, 32, 64, 128]))
     config = train_testlib.micro_config(init_from=str(tmp_path / "other"))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, tmp_path / "ft")

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from configs import quickstart
+from configs import biformer_s, quickstart
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,49 @@ def random_variables(model, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     abstract = eval_lib.abstract_variables(model, 32)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:  # BatchNorm running variances must be positive
+            return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+        if not np.issubdtype(s.dtype, np.floating):  # num_batches_tracked
+            return np.zeros(s.shape, s.dtype)
+        return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _override(config, overrides):
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def imagenet_micro_config(data_dir, **overrides):
+    """BiFormer-S's ImageNet recipe (RandAugment, erasing, repeats, mixup/cutmix, EMA), micro model, 32 px."""
+    config = biformer_s.get_config("runlocal")
+    config.unlock()
+    config.model = "biformer_micro"
+    config.model_kwargs.depth = (1, 1, 1, 1)
+    config.data.data_dir = str(data_dir)
+    config.data.image_size, config.data.eval_resize = 32, 36
+    config.data.threads = config.data.prefetch = 2
+    config.data.repeated_aug = 3
+    config.global_batch_size = 24  # 3 per simulated CPU device; 8 images x 3 repeats
+    config.num_train_steps = 6
+    config.steps_per_epoch = 2
+    config.optim.warmup_epochs = 1.0
+    config.eval_every_steps = 4
+    config.checkpoint.every_steps = 2
+    config.eval_batch_size = 8
+    config.eval_steps = -1
+    config.ema_decay = 0.9
+    return _override(config, overrides)
 
 
 def micro_config(**overrides):
@@ -55,11 +97,4 @@ def micro_config(**overrides):
     config.checkpoint.keep = 2
     config.checkpoint.asynchronous = True
     config.ema_decay = 0.9  # exercise the EMA path
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+    return _override(config, overrides)
