@@ -116,7 +116,11 @@ def test_remat_stages_give_the_same_gradients_and_weights_layout():
 
     g, g_remat = grads(model), grads(remat)
     assert jax.tree.structure(g) == jax.tree.structure(g_remat)  # same names: checkpoints interchange
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_remat, g)
+    # Recomputation changes float32 rounding only. The gradients of the conv biases that feed
+    # BatchNorm are analytically zero (pure ~1e-6 rounding noise), so the absolute tolerance is
+    # relative to the largest gradient rather than to each array.
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale), g_remat, g)
 
 
 def test_bad_compute_dtype_fails_clearly():
