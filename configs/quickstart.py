@@ -6,8 +6,8 @@ Trains `biformer_micro` (every BiFormer code path: routing attention in stages 1
 attention with LePE in stage 4, n_win 2) on the 1438 training digits upsampled to 32x32 and
 evaluates on the 359 held-out ones. Expected: top-1 >= 0.98. Measured (2026-11-23, 2 CPU cores
 shared with other jobs, load average 14-20): held-out top-1 0.9944 for seeds 0 and 1, 6.4 min
-wall, compilation included (the first train-step compile took 4 of them; 2.2 min with a warm
-compilation cache). Augmentation, mixup and EMA are off: the digits are centred and the run is
+wall, compilation included (the first train-step compile took 4 of them; 2.3 min for a second
+seed with a warm compilation cache). Augmentation, mixup and EMA are off: the digits are centred and the run is
 too short for an EMA of 0.99996 to move.
 """
 

@@ -207,15 +207,15 @@ def test_sweep_runs_every_point_and_writes_a_summary(tmp_path):
     sweep_file.write_text("def get_sweep(h):\n    return h.product([h.sweep('config.seed', [0, 1])])\n")
     points = sweeps.load_sweep(sweep_file)
     assert points == [{"seed": 0}, {"seed": 1}]
-    config = train_testlib.micro_config(num_train_steps=2)
+    config = train_testlib.micro_config()  # the other tests' step count: their compiled step is reused
     rows = sweeps.run_sweep(config, points, str(tmp_path / "root"), train_lib.train_and_evaluate)
     assert [r["run"] for r in rows] == ["seed=0", "seed=1"] and all(r["status"] == "ok" for r in rows)
-    assert all(0.0 <= r["eval/top1"] <= 1.0 and r["step"] == 2 for r in rows)
+    assert all(0.0 <= r["eval/top1"] <= 1.0 and r["step"] == 4 for r in rows)
     assert _losses(tmp_path / "root" / "seed=0")[1] != _losses(tmp_path / "root" / "seed=1")[1]
     csv_lines = (tmp_path / "root" / "summary.csv").read_text().splitlines()
     assert (
         csv_lines[0].split(",")[:3] == ["run", "seed", "step"] and "eval/top1" in csv_lines[0] and len(csv_lines) == 3
     )
-    assert "| seed=1 | 1 | 2 |" in (tmp_path / "root" / "summary.md").read_text()
+    assert "| seed=1 | 1 | 4 |" in (tmp_path / "root" / "summary.md").read_text()
     with pytest.raises(KeyError, match="no field 'lrr'"):
         sweeps.apply_overrides(config, {"optim.lrr": 1.0})
