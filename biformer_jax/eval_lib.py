@@ -20,9 +20,22 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def model_from_config(config, num_classes: int):
-    """config.model with config.model_kwargs and the dataset's number of classes."""
+    """config.model with config.model_kwargs and the dataset's number of classes.
+
+    `config.compute_dtype` ("float32" | "bfloat16") is the model's compute dtype (parameters,
+    optimiser state and BatchNorm statistics stay float32, logits come back float32) and
+    `config.remat_stages` its `use_checkpoint_stages`; neither changes the weights, so neither is
+    recorded in checkpoints.
+    """
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("num_classes", num_classes)
+    compute_dtype = config.compute_dtype
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.compute_dtype={compute_dtype!r}: use 'float32' or 'bfloat16'.")
+    if compute_dtype != "float32":
+        kwargs["dtype"] = jnp.dtype(compute_dtype)
+    if config.remat_stages:
+        kwargs["use_checkpoint_stages"] = tuple(int(i) for i in config.remat_stages)
     return models.create_model(config.model, **kwargs)
 
 

@@ -92,3 +92,15 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str) -> None:
             f"{what}={global_batch_size} must be divisible by the {n} devices of the batch axes "
             f"and the {jax.process_count()} processes; pick a multiple of {n}."
         )
+
+
+def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+    """Each of the k micro-batches must still split evenly over the devices of the batch axes."""
+    k, n = int(grad_accum_steps), batch_size_per_device_multiple(mesh)
+    if k < 1:
+        raise ValueError(f"config.grad_accum_steps={grad_accum_steps} must be >= 1 (1: no accumulation).")
+    if global_batch_size % (k * n):
+        raise ValueError(
+            f"config.global_batch_size={global_batch_size} must be divisible by grad_accum_steps={k} x "
+            f"{n} devices = {k * n}, so that every micro-batch splits evenly over the devices."
+        )

@@ -32,6 +32,45 @@ def step_rngs(state: TrainState) -> dict[str, jax.Array]:
     return {"mix": mix, "dropout": dropout, "drop_path": drop_path}
 
 
+def _loss_and_grads(params, batch_stats, images, targets, rngs, model) -> tuple[jax.Array, Any, Any]:
+    """(mean loss, updated batch_stats, grads) of one (micro-)batch in train mode."""
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
+        )
+        return soft_target_cross_entropy(logits, targets).mean(), updates["batch_stats"]
+
+    (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, new_batch_stats, grads
+
+
+def _accumulated_loss_and_grads(state: TrainState, images, targets, rngs, *, model, k: int):
+    """loss_and_grads averaged over k micro-batches, summed in a lax.scan (BatchNorm state threaded)."""
+    if images.shape[0] % k:
+        raise ValueError(f"grad_accum_steps={k} does not divide the batch of {images.shape[0]}.")
+
+    def split(x):
+        # Micro-batch j is rows j, j + k, j + 2k, ...: every micro-batch stays spread over all the
+        # devices that hold the batch (contiguous blocks of rows), so no data moves.
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)  # (k, B / k, ...)
+
+    def body(carry, xs):
+        batch_stats, loss_sum, grad_sum = carry
+        j, micro_images, micro_targets = xs
+        micro_rngs = {name: jax.random.fold_in(key, j) for name, key in rngs.items()}
+        loss, batch_stats, grads = _loss_and_grads(
+            state.params, batch_stats, micro_images, micro_targets, micro_rngs, model
+        )
+        return (batch_stats, loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (state.batch_stats, jnp.zeros((), jnp.float32), zeros)
+    (batch_stats, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), split(images), split(targets)))
+    grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
+    return loss_sum / k, batch_stats, grads
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -41,26 +80,28 @@ def train_step(
     schedule: Callable[[jax.Array], jax.Array],
     mix_fn: MixFn,
     ema_decay: float,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, metrics_lib.TrainMetrics]:
     """One optimisation step on a global batch {"image": (B, H, W, C), "label": (B,)}.
+
+    With `grad_accum_steps` = k > 1 the batch is processed as k micro-batches of B / k images in
+    a `lax.scan` (activation memory of one micro-batch) and their mean gradient is applied once:
+    the same update as the full batch, except that BatchNorm normalises each micro-batch with its
+    own statistics and updates its running statistics k times (as PyTorch does with
+    accumulation). Mixup/CutMix is drawn once for the whole batch.
 
     A non-finite loss or gradient leaves the state untouched (step included) and is counted in
     the returned metrics, so the host can stop with the last good state and checkpoint.
     """
     rngs = step_rngs(state)
     images, targets = mix_fn(rngs["mix"], batch["image"], batch["label"])
-
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": rngs["dropout"], "drop_path": rngs["drop_path"]},
+    model_rngs = {"dropout": rngs["dropout"], "drop_path": rngs["drop_path"]}
+    if grad_accum_steps == 1:
+        loss, batch_stats, grads = _loss_and_grads(state.params, state.batch_stats, images, targets, model_rngs, model)
+    else:
+        loss, batch_stats, grads = _accumulated_loss_and_grads(
+            state, images, targets, model_rngs, model=model, k=grad_accum_steps
         )
-        return soft_target_cross_entropy(logits, targets).mean(), updates["batch_stats"]
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from biformer_jax import checkpoint, data, eval_lib, optim, sharding, steps
+from biformer_jax import checkpoint, data, eval_lib, optim, preemption, sharding, steps
 from biformer_jax import metrics as metrics_lib
 from biformer_jax.train_state import TrainState, init_train_state
 
@@ -168,12 +168,13 @@ class Setup:
     shardings: TrainState
 
 
-def setup(config) -> Setup:
-    """Mesh, dataset info, model, optimiser, schedule and the abstract, sharded state."""
-    mesh = sharding.create_mesh(config.mesh)
+def setup(config, devices: list | None = None) -> Setup:
+    """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state."""
+    mesh = sharding.create_mesh(config.mesh, devices)
     info = data.dataset_info(config.data)
     model = eval_lib.model_from_config(config, info.num_classes)
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
+    sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
     steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
     base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
     schedule = optim.lr_schedule(
@@ -201,6 +202,29 @@ def setup(config) -> Setup:
     )
 
 
+def make_train_step(config, run: Setup):
+    """`steps.train_step` bound to the run and jitted over its mesh: (state, batch) -> (state, metrics).
+
+    The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
+    happens in place; the batch is split over every device; the metrics come back replicated.
+    """
+    mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
+    return jax.jit(
+        functools.partial(
+            steps.train_step,
+            model=run.model,
+            tx=run.tx,
+            schedule=run.schedule,
+            mix_fn=mix_fn,
+            ema_decay=config.ema_decay,
+            grad_accum_steps=int(config.grad_accum_steps),
+        ),
+        in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
+        out_shardings=(run.shardings, sharding.replicated(run.mesh)),
+        donate_argnums=0,
+    )
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains config.model on config.data in `workdir`; returns the final eval metrics.
 
@@ -212,14 +236,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
     manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
     try:
-        return _train_loop(config, workdir, run, manager, best_metric)
+        with preemption.Watcher() as watcher:
+            return _train_loop(config, workdir, run, manager, best_metric, watcher)
     finally:
         # Also on an exception: a save already under way completes (it holds a good state).
         manager.wait_until_finished()
         manager.close()
 
 
-def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str) -> dict[str, float]:
+def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
     mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
     state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
     first_step = int(jax.device_get(state.step))
@@ -242,20 +267,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str) -> 
         logging.info("The workdir's checkpoint is already at step %d of %d.", first_step, total_steps)
         return _last_eval(workdir, first_step)
 
-    mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
-    train_step = jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=run.model,
-            tx=run.tx,
-            schedule=run.schedule,
-            mix_fn=mix_fn,
-            ema_decay=config.ema_decay,
-        ),
-        in_shardings=(run.shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(run.shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    train_step = make_train_step(config, run)
     eval_step = eval_lib.make_eval_step(run.model, mesh, run.shardings.variables)
     train_iter = data.train_iterator(
         config.data,
@@ -279,7 +291,8 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str) -> 
         since += 1
         progress(step)
         last = step == total_steps
-        do_eval, do_ckpt = step % eval_every == 0 or last, step % ckpt_every == 0 or last
+        preempted = watcher.reached(step) and not last  # SIGTERM: log and save this step, then stop
+        do_eval, do_ckpt = step % eval_every == 0 or last, step % ckpt_every == 0 or last or preempted
         if not (step % log_every == 0 or do_eval or do_ckpt):
             continue
         computed = collected.compute()  # waits for the steps so far
@@ -319,6 +332,9 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str) -> 
             checkpoint.save_train_state(
                 manager, state, step=step, meta=run.meta, metrics=eval_metrics if best_metric in eval_metrics else None
             )
+        if preempted:
+            writer.flush()
+            raise preemption.Preempted(step)  # train_and_evaluate waits for the save
     writer.flush()
     return eval_metrics
 

@@ -117,8 +117,17 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.resume = ""  # another run's train checkpoint (used when the workdir has none)
     config.init_from = ""  # weights to fine-tune from (converter or train checkpoint)
 
+    # Devices as a (data, fsdp) mesh; -1: all the remaining devices. fsdp > 1 shards every state
+    # array of at least fsdp_min_size elements along its largest dimension divisible by fsdp
+    # (smaller ones, e.g. biases and norms, stay replicated); fsdp = 1 is pure data parallelism.
+    # 2**14: BiFormer's kernels are small (the largest has 1.8M elements); with 2**18 a third of
+    # BiFormer-B's bytes stayed replicated (0.21 of the N=1 state per device at N=8, 0.13 now;
+    # benchmarks/fsdp_memory.py).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-    config.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**18))
+    config.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**14))
+    config.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 params/optimiser/BN stats
+    config.grad_accum_steps = 1  # k > 1: k micro-batches of global_batch_size / k per update
+    config.remat_stages = ()  # stages (0-3) recomputed in the backward pass (use_checkpoint_stages)
 
     if recipe == "debiformer":
         _debiformer_recipe(config)
