@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from biformer_jax.ops.recompute import tie
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -36,13 +38,90 @@ def fan_in_uniform_bias(fan_in: int) -> Initializer:
     return init
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation."""
-    return nn.gelu(x, approximate=False)
+    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation.
+
+    Its VJP keeps only x (autodiff would keep the erfc and the product as well: two more
+    hidden-width activations per MLP) and recomputes the derivative in the backward pass.
+    """
+    return 0.5 * x * jax.lax.erfc(-x * _SQRT_HALF)
 
 
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x = tie(g, x)
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-x32 * _SQRT_HALF)
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
+    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> LayerNorm:
+    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """`nn.LayerNorm` over the last axis (params `scale`, `bias`), statistics in float32.
+
+    Its VJP keeps the normalised input and the per-row 1/std only (autodiff keeps the input,
+    the centred input and broadcast statistics as well), and forms the row sums of the
+    backward pass as matmuls with `scale`, so no full-size broadcast of it is materialised.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = xc * rstd
+    y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (xhat.astype(x.dtype), rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    xhat, rstd, scale = res
+    c = xhat.shape[-1]
+    axes = tuple(range(xhat.ndim - 1))
+    g32, xhat32, scale32 = g.astype(jnp.float32), xhat.astype(jnp.float32), scale.astype(jnp.float32)
+    gx = g32 * xhat32
+    dscale = jnp.sum(gx, axis=axes)
+    dbias = jnp.sum(g32, axis=axes)
+    # dxhat = g * scale; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+    m1 = jnp.einsum("...c,c->...", g32, scale32)[..., None] / c  # (..., 1)
+    m2 = jnp.einsum("...c,c->...", gx, scale32)[..., None] / c  # (..., 1)
+    dx = rstd * (g32 * scale32 - m1 - xhat32 * m2)
+    return dx.astype(xhat.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
@@ -200,35 +279,48 @@ def _shift_dwconv_bwd(padding, res, g):
     # x[h] feeds out[h + padding - i]: the transpose correlates g, padded by k - 1 - padding,
     # with the flipped kernel.
     dx = _shifted_sum(g, kernel[::-1, ::-1], kh - 1 - padding, kw - 1 - padding)
-    dk = depthwise_kernel_grad(x, g, kh, kw, padding)
+    win = _kernel_grad_windows(tie(g, x), kh, kw, padding, g.shape[2])
+    dk = _kernel_grad(win, g, kh, kw)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-def depthwise_kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: int, block: int = 8) -> jax.Array:
-    """dk[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c], as batched matmuls.
+KERNEL_GRAD_BLOCK = 8  # output columns per matmul block of the depthwise kernel gradient
 
-    x: (N, H, W, C), g: (N, H', W', C) -> (kh, kw, 1, C) float32. kh*kw separate reductions
-    would each read a materialised shifted copy of x (XLA:CPU fuses no slice into a
-    reduction). Instead, per channel and per block of `block` output columns, one matmul
-    over (n, h) gives every (input column, output column) product sum of the block, whose
-    kw diagonals are the kw column taps: kh matmuls of (block + kw - 1) x block per channel.
+
+def _kernel_grad_windows(x: jax.Array, kh: int, kw: int, padding: int, out_w: int) -> jax.Array:
+    """x (N, H, W, C) -> overlapping column windows (C, nb, N*(H+2p), B+kw-1) of padded x."""
+    n, h, _, c = x.shape
+    bsz = KERNEL_GRAD_BLOCK
+    nb = -(-out_w // bsz)
+    extra = nb * bsz - out_w  # zero columns that round the output width up to whole blocks
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding + extra), (0, 0)))  # (N, Hp, nb*B+kw-1, C)
+    xt = xp.transpose(3, 0, 1, 2)  # (C, N, Hp, nb*B+kw-1)
+    span = bsz + kw - 1
+    win = jnp.stack([xt[..., b * bsz : b * bsz + span] for b in range(nb)], axis=1)  # (C, nb, N, Hp, span)
+    return win.reshape(c, nb, n * (h + 2 * padding), span)  # (C, nb, N*Hp, span)
+
+
+def _kernel_grad(win: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+    """dk[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c] as batched matmuls.
+
+    win: `_kernel_grad_windows(x)`, g: (N, H', W', C) -> (kh, kw, 1, C) float32. kh*kw
+    separate reductions would each read a materialised shifted copy of x (XLA:CPU fuses no
+    slice into a reduction). Instead, per channel and block of B output columns, a matmul
+    over the rows gives every (input column, output column) product sum of the block; its
+    kw diagonals are the kw column taps. The row tap i is g shifted down by i rows.
     """
-    n, _, _, c = x.shape
-    out_h, out_w = g.shape[1], g.shape[2]
-    nb = -(-out_w // block)
-    extra = nb * block - out_w  # zero columns that round the output width up to blocks
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding + extra), (0, 0)))  # (N, H'+kh-1, nb*B+kw-1, C)
-    gp = jnp.pad(g, ((0, 0), (0, 0), (0, extra), (0, 0)))  # (N, H', nb*B, C)
-    xt = xp.transpose(3, 0, 1, 2)  # (C, N, H'+kh-1, nb*B+kw-1)
-    gt = gp.transpose(3, 0, 1, 2).reshape(c, n, out_h, nb, block)  # (C, N, H', nb, B)
-    gt = gt.transpose(0, 3, 1, 2, 4).reshape(c, nb, n * out_h, block)  # (C, nb, N*H', B)
-    span = block + kw - 1
-    win = jnp.stack([xt[..., b * block : b * block + span] for b in range(nb)], axis=1)  # (C, nb, N, H'+kh-1, span)
+    c, nb, _, span = win.shape
+    n, out_h, out_w, _ = g.shape
+    bsz = KERNEL_GRAD_BLOCK
+    gp = jnp.pad(g, ((0, 0), (0, 0), (0, nb * bsz - out_w), (0, 0)))  # (N, H', nb*B, C)
+    gt = gp.transpose(3, 0, 1, 2).reshape(c, n, out_h, nb, bsz)  # (C, N, H', nb, B)
+    gt = gt.transpose(0, 3, 1, 2, 4)  # (C, nb, N, H', B)
     rows = []
     for i in range(kh):
-        a = win[:, :, :, i : i + out_h, :].reshape(c, nb, n * out_h, span)  # (C, nb, N*H', span)
-        m = jnp.einsum("cbrt,cbrs->cbts", a, gt, preferred_element_type=jnp.float32)  # (C, nb, span, B)
-        taps = [jnp.diagonal(m[:, :, j : j + block, :], axis1=2, axis2=3).sum(axis=(1, 2)) for j in range(kw)]
+        gi = jnp.pad(gt, ((0, 0), (0, 0), (0, 0), (i, kh - 1 - i), (0, 0)))  # (C, nb, N, Hp, B)
+        gi = gi.reshape(c, nb, -1, bsz)  # (C, nb, N*Hp, B)
+        m = jnp.einsum("cbrt,cbrs->cbts", win, gi, preferred_element_type=jnp.float32)  # (C, nb, span, B)
+        taps = [jnp.diagonal(m[:, :, j : j + bsz, :], axis1=2, axis2=3).sum(axis=(1, 2)) for j in range(kw)]
         rows.append(jnp.stack(taps))  # (kw, C)
     return jnp.stack(rows)[:, :, None, :]  # (kh, kw, 1, C)
 

@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from biformer_jax.ops.recompute import tie
 from biformer_jax.ops.routed_attention import gather_heads, merge_heads, split_heads
 
 # Regions per loop step: the largest divisor of topk not above topk // DEFAULT_CHUNK_DIVISOR
@@ -46,12 +47,16 @@ def chunked_routed_attention(
     chunk = default_chunk(k) if chunk is None else chunk
     if chunk <= 0 or k % chunk:
         raise ValueError(f"chunk={chunk} must be a positive divisor of topk={k}.")
+    return _attend(q, kv, r_idx, r_weight, num_heads, scale, chunk)  # (N, P, Tq, Cv)
+
+
+def _split(q, kv, num_heads, scale):
+    """(N, P, Tq, Cqk), (N, P, Tkv, Cqk+Cv) -> heads-major qh (scaled), kh, vh."""
     cqk = q.shape[-1]
     qh = split_heads(q * scale, num_heads)  # (N, P, m, Tq, c)
     kh = split_heads(kv[..., :cqk], num_heads)  # (N, P, m, Tkv, c)
     vh = split_heads(kv[..., cqk:], num_heads)  # (N, P, m, Tkv, cv)
-    out = _attend(qh, kh, vh, r_idx, r_weight, chunk)  # (N, P, m, Tq, cv)
-    return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
+    return qh, kh, vh
 
 
 def _chunk_indices(r_idx: jax.Array, r_weight: Optional[jax.Array], chunk: int):
@@ -119,24 +124,31 @@ def _forward(qh, kh, vh, r_idx, r_weight, chunk):
     return out, mx + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(qh, kh, vh, r_idx, r_weight, chunk):
-    return _forward(qh, kh, vh, r_idx, r_weight, chunk)[0].astype(vh.dtype)
+# The VJP keeps q and kv in the caller's layout (not the heads-major copies) as residuals.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend(q, kv, r_idx, r_weight, num_heads, scale, chunk):
+    qh, kh, vh = _split(q, kv, num_heads, scale)
+    out, _ = _forward(qh, kh, vh, r_idx, r_weight, chunk)  # (N, P, m, Tq, cv)
+    return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
 
 
-def _attend_fwd(qh, kh, vh, r_idx, r_weight, chunk):
+def _attend_fwd(q, kv, r_idx, r_weight, num_heads, scale, chunk):
+    qh, kh, vh = _split(q, kv, num_heads, scale)
     out, lse = _forward(qh, kh, vh, r_idx, r_weight, chunk)
-    out = out.astype(vh.dtype)
-    return out, (qh, kh, vh, r_idx, r_weight, out, lse)
+    out = merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
+    return out, (q, kv, r_idx, r_weight, out, lse)
 
 
-def _attend_bwd(chunk, res, dout):
-    qh, kh, vh, r_idx, r_weight, out, lse = res
+def _attend_bwd(num_heads, scale, chunk, res, dout):
+    q, kv, r_idx, r_weight, out, lse = res
+    q, kv, lse = tie(dout, q, kv, lse)  # keep the recomputation in the backward pass
+    qh, kh, vh = _split(q, kv, num_heads, scale)
     n, p, m, tq, _ = qh.shape
     tkv = vh.shape[3]
     idx_s, w_s = _chunk_indices(r_idx, r_weight, chunk)
-    dout32 = dout.astype(jnp.float32)
-    delta = jnp.sum(dout32 * out.astype(jnp.float32), axis=-1)  # (N, P, m, Tq)
+    dout32 = split_heads(dout, num_heads).astype(jnp.float32)  # (N, P, m, Tq, cv)
+    out32 = split_heads(out, num_heads).astype(jnp.float32)
+    delta = jnp.sum(dout32 * out32, axis=-1)  # (N, P, m, Tq)
     ni = jnp.arange(n)[:, None, None, None]  # (N, 1, 1, 1)
     mi = jnp.arange(m)[None, None, :, None]  # (1, 1, m, 1)
 
@@ -175,7 +187,9 @@ def _attend_bwd(chunk, res, dout):
     dw = None
     if r_weight is not None:
         dw = dw_s.transpose(1, 2, 0, 3).reshape(r_weight.shape).astype(r_weight.dtype)  # (N, P, K)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, dw
+    dq = merge_heads(dq * scale).astype(q.dtype)  # (N, P, Tq, Cqk)
+    dkv = jnp.concatenate([merge_heads(dk), merge_heads(dv)], axis=-1).astype(kv.dtype)  # (N, P, Tkv, Cqk+Cv)
+    return dq, dkv, None, dw
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
