@@ -1,0 +1,100 @@
+"""Reading official `.pth` files and writing converted variables (complete or not at all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_FILE = "biformer_jax.json"
+VARIABLES_DIR = "variables"
+
+
+class ConversionError(RuntimeError):
+    """A file that cannot be converted; the message says why and what to do."""
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise ConversionError(
+            "Reading a .pth file needs PyTorch: `pip install torch` (the CPU build is enough), "
+            "or `pip install biformer-jax[torch]`."
+        ) from e
+    return torch
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
+
+
+def read_torch_checkpoint(path: str | os.PathLike, weights: str = "model") -> tuple[dict[str, np.ndarray], str]:
+    """Loads a raw state_dict or an official training checkpoint; returns (state_dict, entry).
+
+    Official training saves {"model": ..., "optimizer": ..., "model_ema": ..., ...}; `weights`
+    chooses the entry. Tensors come back as numpy arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist or is not a file.")
+    torch = _import_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}).") from e
+    if _is_state_dict(obj):
+        entry, sd = "state_dict", obj
+    elif isinstance(obj, Mapping):
+        if weights not in obj or not _is_state_dict(obj[weights]):
+            found = [k for k, v in obj.items() if _is_state_dict(v)]
+            raise ConversionError(
+                f"{path} has no state_dict under {weights!r}; entries holding weights: {found or 'none'}. "
+                f"Pass --weights={found[0]}."
+                if found
+                else f"{path} holds no state_dict."
+            )
+        entry, sd = weights, obj[weights]
+    else:
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict.")
+    return {k: v.detach().cpu().numpy() for k, v in sd.items()}, entry
+
+
+def save_converted(out_dir: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Writes `variables` (Orbax) and `meta` (JSON) to out_dir, atomically: complete or absent."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    if out.exists():
+        raise ConversionError(f"{out} already exists; choose a new --output (nothing is overwritten).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / VARIABLES_DIR, dict(variables))
+            ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(json.dumps(dict(meta), indent=2) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads a directory written by `save_converted`: (variables as numpy, meta)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise ConversionError(f"{path} is not a converted checkpoint (no {META_FILE}).")
+    meta = json.loads(meta_file.read_text())
+    with ocp.StandardCheckpointer() as ckptr:
+        variables = ckptr.restore(path / VARIABLES_DIR)
+    return variables, meta

@@ -1,0 +1,220 @@
+"""BiFormer behaviour on micro variants: every official option, features, errors, counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from biformer_jax import models
+from biformer_jax.models.routing import adaptive_pool
+
+MICRO = dict(
+    depth=(1, 1, 1, 1),
+    embed_dim=(16, 32, 64, 64),
+    qk_dims=(16, 32, 64, 64),
+    head_dim=8,
+    num_classes=5,
+    kv_downsample_mode="identity",
+)
+
+
+def init(model, shape=(2, 64, 64, 3), seed=0):
+    x = jax.random.normal(jax.random.key(seed + 1), shape)
+    return model.init(jax.random.key(seed), x), x
+
+
+@pytest.mark.parametrize(
+    "name, count",
+    [("biformer_tiny", 13_142_760), ("biformer_small", 25_536_232), ("biformer_base", 56_804_968)],
+)
+def test_official_parameter_counts(name, count):
+    model = models.create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"])) == count
+
+
+def test_micro_forward_routes_and_features():
+    model = models.create_model("biformer_micro", num_classes=7)
+    variables, x = init(model)
+    (logits, feats), inter = model.apply(variables, x, return_features=True, mutable=["intermediates"])
+    assert logits.shape == (2, 7) and np.isfinite(logits).all()
+    assert [f.shape for f in feats] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64), (2, 2, 2, 128)]
+    assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+    routes = models.collect_routes(inter)
+    # biformer_micro: depth (1, 1, 2, 1), topks (1, 2, 2, -2), n_win 2 -> 4 routing modules.
+    assert [r.shape for r in routes] == [(2, 4, 1), (2, 4, 2), (2, 4, 2), (2, 4, 2)]
+    for r in routes:  # distinct, valid region indices per row
+        assert r.min() >= 0 and r.max() < 4
+        assert all(len(set(row)) == len(row) for row in np.asarray(r).reshape(-1, r.shape[-1]))
+
+
+OPTION_CASES = {
+    "ada_avg+global+pseudo": dict(topks=(2, 4, -1, 0), kv_downsample_mode="ada_avgpool", kv_per_wins=(2, 1, -1, -1)),
+    "ada_max_uneven": dict(topks=(3, 2, 1, -2), kv_downsample_mode="ada_maxpool", kv_per_wins=(3, 2, 1, -1)),
+    "avgpool": dict(topks=(4, 4, 2, -2), kv_downsample_mode="avgpool", kv_downsample_ratios=(2, 2, 1, 1)),
+    "maxpool": dict(topks=(4, 4, 2, -2), kv_downsample_mode="maxpool", kv_downsample_ratios=(4, 2, 1, 1)),
+    "qk<dim": dict(topks=(1, 2, 3, -1), qk_dims=(8, 16, 32, 64), side_dwconv=3, before_attn_dwconv=0),
+    "soft+param+diff": dict(
+        topks=(2, 2, 2, -2), soft_routing=True, param_routing=True, diff_routing=True, param_attention="qkv"
+    ),
+    "postnorm+ls+mlpdw": dict(topks=(2, 2, 2, 0), pre_norm=False, layer_scale_init_value=0.1, mlp_dwconv=True),
+}
+
+
+@pytest.mark.parametrize("overrides", list(OPTION_CASES.values()), ids=list(OPTION_CASES))
+def test_official_options_run_and_train(overrides):
+    kw = dict(MICRO, n_win=2, **overrides)
+    model = models.create_model("biformer", **kw)
+    variables, x = init(model)
+    logits = model.apply(variables, x)
+    assert logits.shape == (2, 5) and np.isfinite(logits).all()
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out**2)
+
+    grads = jax.grad(loss)(variables["params"])
+    norms = jax.tree_util.tree_map(lambda g: float(jnp.linalg.norm(g)), grads)
+    assert all(np.isfinite(v) for v in jax.tree_util.tree_leaves(norms))
+    # Every stage's token mixer learns (no dead branch).
+    for i in range(4):
+        assert sum(jax.tree_util.tree_leaves(norms[f"stages_{i}_0"]["attn"])) > 0
+
+
+def test_routing_gradients_follow_diff_routing():
+    kw = dict(MICRO, n_win=2, topks=(2, 2, 2, -2), param_routing=True, diff_routing=True, soft_routing=True)
+    model = models.create_model("biformer", **kw)
+    variables, x = init(model)
+
+    def loss(params):
+        return jnp.sum(model.apply({**variables, "params": params}, x) ** 2)
+
+    g = jax.grad(loss)(variables["params"])
+    assert float(jnp.abs(g["stages_0_0"]["attn"]["router"]["emb"]["kernel"]).sum()) > 0
+
+
+@pytest.mark.parametrize("shape", [(1, 100, 130, 3), (2, 65, 47, 3)])
+def test_auto_pad_any_size_features(shape):
+    model = models.create_model("biformer_micro", auto_pad=True, features_only=True)
+    variables, x = init(model, shape)
+    feats = model.apply(variables, x)
+    h, w = shape[1:3]
+    for i, f in enumerate(feats):
+        for _ in range(2 if i == 0 else 1):  # stride-2 convs with padding 1: ceil(h / 2)
+            h, w = -(-h // 2), -(-w // 2)
+        assert f.shape == (shape[0], h, w, model.embed_dim[i])
+        assert np.isfinite(f).all()
+    assert "head" not in variables["params"] and "norm" not in variables["params"]
+
+
+def test_drop_path_and_batchnorm_modes():
+    model = models.create_model("biformer_micro", drop_path_rate=0.5)
+    variables, x = init(model)
+    eval1 = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(eval1, model.apply(variables, x, train=False))
+
+    def train(seed):
+        out, upd = model.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"drop_path": jax.random.key(seed)}
+        )
+        return out, upd
+
+    a, upd = train(1)
+    b, _ = train(2)
+    assert not np.allclose(a, b), "stochastic depth must depend on the drop_path rng"
+    np.testing.assert_array_equal(a, train(1)[0])
+    # Train mode moved the running statistics and counted the batch; eval mode uses them.
+    before, after = variables["batch_stats"]["norm"], upd["batch_stats"]["norm"]
+    assert not np.allclose(before["mean"], after["mean"])
+    assert int(after["num_batches_tracked"]) == 1
+    moved = model.apply({**variables, **upd}, x, train=False)
+    assert not np.allclose(moved, eval1)
+
+
+def test_batchnorm_matches_pytorch_update_rule():
+    from biformer_jax.models.layers import BatchNorm
+
+    x = jax.random.normal(jax.random.key(3), (4, 5, 6, 3)) * 2 + 1
+    bn = BatchNorm()
+    v = bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    xs = np.asarray(x).reshape(-1, 3)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * xs.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * xs.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-5), atol=1e-5)
+
+
+def test_implementation_choices_agree():
+    base = dict(MICRO, n_win=2, topks=(2, 2, 2, -2))
+    outs = {}
+    for dw in ("conv", "shift"):
+        model = models.create_model("biformer", dwconv_impl=dw, **base)
+        variables, x = init(model)
+        outs[dw] = model.apply(variables, x)
+    np.testing.assert_allclose(outs["conv"], outs["shift"], rtol=1e-5, atol=1e-5)
+
+
+def test_remat_stages_same_values_and_grads():
+    base = dict(MICRO, n_win=2, topks=(2, 2, 2, -2), drop_path_rate=0.2)
+    plain = models.create_model("biformer", **base)
+    remat = models.create_model("biformer", use_checkpoint_stages=(0, 1, 2, 3), **base)
+    variables, x = init(plain)
+    rngs = {"drop_path": jax.random.key(5)}
+
+    def loss(model, params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"], rngs=rngs)
+        return jnp.sum(out**2)
+
+    la, ga = jax.value_and_grad(lambda p: loss(plain, p))(variables["params"])
+    lb, gb = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ga, gb)
+
+
+def test_bfloat16_compute_stays_close():
+    model32 = models.create_model("biformer_micro")
+    model16 = models.create_model("biformer_micro", dtype=jnp.bfloat16)
+    variables, x = init(model32)
+    a, b = model32.apply(variables, x), model16.apply(variables, x)
+    assert b.dtype == jnp.float32  # logits come back in float32
+    assert jax.tree_util.tree_leaves(variables["params"])[0].dtype == jnp.float32
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
+
+
+def test_adaptive_pool_matches_pytorch_bins():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: AdaptiveAvgPool2d reference unavailable")
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 5, 4)).astype(np.float32)  # (N, P, h, w, C)
+    for out in (1, 2, 3):
+        ref_in = torch.from_numpy(x.reshape(6, 7, 5, 4).transpose(0, 3, 1, 2))
+        for reduce, op in (("avg", torch.nn.AdaptiveAvgPool2d(out)), ("max", torch.nn.AdaptiveMaxPool2d(out))):
+            ref = op(ref_in).numpy().transpose(0, 2, 3, 1).reshape(2, 3, out, out, 4)
+            np.testing.assert_allclose(adaptive_pool(jnp.asarray(x), out, reduce), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, message",
+    [
+        (dict(), (1, 72, 72, 3), "auto_pad=True"),  # stage-1 map 18x18, n_win 4 does not divide it
+        (dict(topks=(20, 2, 2, -2)), (1, 128, 128, 3), "topk=20"),
+        (dict(head_dim=12), (1, 128, 128, 3), "head_dim"),
+        (dict(embed_dim=(16, 32, 64, 60), qk_dims=(16, 32, 64, 60)), (1, 128, 128, 3), "divisible by 8"),
+        (dict(), (1, 128, 128, 1), "in_chans=3"),
+        (dict(), (1, 3, 128, 128), "NCHW"),
+        (dict(kv_downsample_mode="fracpool", topks=(2, 2, 2, -2)), (1, 128, 128, 3), "fracpool"),
+        (dict(diff_routing=True), (1, 128, 128, 3), "soft_routing=True"),
+        (dict(topks=(2, 2, -3, -2)), (1, 128, 128, 3), "topk=-3"),
+    ],
+)
+def test_bad_configs_fail_with_a_fix(kwargs, shape, message):
+    kw = dict(MICRO, n_win=4, topks=(2, 2, 2, -2))
+    kw.update(kwargs)
+    model = models.create_model("biformer", **kw)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("=", "=")):
+        model.init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_create_model_rejects_unknowns():
+    with pytest.raises(ValueError, match="Unknown model"):
+        models.create_model("biformer_huge")
+    with pytest.raises(TypeError, match="unknown argument"):
+        models.create_model("biformer_tiny", topk=3)
