@@ -12,6 +12,7 @@ engine.py on CPU: soft-target cross entropy on label-smoothed targets, AdamW (we
 decay 0.05 on >1-D parameters only, as timm's create_optimizer), and a parameter/buffer
 EMA (timm ModelEma, decay 0.99996).
 
+Side by side with ours, alternating in one process: `benchmarks/throughput.py --official=<dir>`.
 Run alone (peak RSS of the official model, one process per measurement):
     python benchmarks/official_pytorch.py --repo=/tmp/official_biformer --model=biformer_small \
         --batch=2 --res=512 --n_win=8 --auto_pad --mode=train
@@ -167,13 +168,15 @@ def peak_rss_bytes() -> int:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repo", required=True, help="checkout of rayleizhu/BiFormer")
+    ap.add_argument(
+        "--repo", "--official", "--official_repo", dest="repo", required=True, help="checkout of rayleizhu/BiFormer"
+    )
     ap.add_argument("--model", default="biformer_tiny")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--mode", choices=("train", "infer"), default="infer")
-    ap.add_argument("--n_win", type=int, default=None)
-    ap.add_argument("--auto_pad", action="store_true")
+    ap.add_argument("--n_win", "--n-win", type=int, default=None)
+    ap.add_argument("--auto_pad", "--auto-pad", action="store_true")
     ap.add_argument("--drop_path", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

@@ -44,16 +44,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=224, help="square input side")
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
-    ap.add_argument("--attn_impl", default="gather", help=f"routed attention: one of {IMPLS}")
-    ap.add_argument("--dwconv_impl", default="auto", choices=("auto", "conv", "shift"))
+    ap.add_argument(
+        "--train_step",
+        default="auto",
+        choices=("auto", "trainer", "bench"),
+        help="the trainer's biformer_jax.steps.train_step when importable (auto), or benchmarks/train_step.py's",
+    )
+    ap.add_argument("--attn_impl", "--attn-impl", default="gather", help=f"routed attention: one of {IMPLS}")
+    ap.add_argument("--dwconv_impl", "--dwconv-impl", default="auto", choices=("auto", "conv", "shift"))
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (params stay float32)")
-    ap.add_argument("--n_win", type=int, default=None, help="regions per side (default: the variant's)")
-    ap.add_argument("--auto_pad", action="store_true", help="pad maps n_win does not divide (dense prediction)")
-    ap.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate (official default 0.1)")
+    ap.add_argument("--n_win", "--n-win", type=int, default=None, help="regions per side (default: the variant's)")
+    ap.add_argument(
+        "--auto_pad", "--auto-pad", action="store_true", help="pad maps n_win does not divide (dense prediction)"
+    )
+    ap.add_argument(
+        "--drop_path", "--drop-path", type=float, default=0.1, help="stochastic depth rate (official default 0.1)"
+    )
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--official_repo", default=None, help="checkout of rayleizhu/BiFormer to time alongside")
+    ap.add_argument(
+        "--official_repo",
+        "--official-repo",
+        "--official",
+        default=None,
+        help="checkout of rayleizhu/BiFormer to time alongside",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the official model")
     return ap.parse_args(argv)
 
@@ -78,16 +94,15 @@ class OursBench:
         images = jnp.asarray(rng.standard_normal((args.batch, args.res, args.res, 3)), jnp.float32)
         labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch), jnp.int32)
         t0 = time.perf_counter()
+        self.train_step = None
         if args.mode == "train":
-            tx = steps.make_optimizer()
-            state = jax.jit(lambda k: steps.init_state(model, tx, k, images[:1]))(jax.random.key(0))
-            fn = steps.make_train_step(model, tx)
-            self.compiled = fn.lower(state, images, labels).compile()
-            self.state, self._args = state, (images, labels)
+            self.train_step, state, fn, step_args = steps.build_train(model, images, labels, args.train_step)
+            self.compiled = fn.lower(state, *step_args).compile()
+            self.state, self._args = state, step_args
 
             def run():
-                self.state, loss = self.compiled(self.state, *self._args)
-                return loss
+                self.state, aux = self.compiled(self.state, *self._args)
+                return aux
 
         else:
             variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(jax.random.key(0))
@@ -164,6 +179,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "res": args.res,
         "attn_impl": args.attn_impl,
+        "train_step": ours.train_step,
         "dwconv_impl": args.dwconv_impl,
         "dtype": args.dtype,
         "n_win": args.n_win,

@@ -6,8 +6,11 @@ weight decay on kernels only (no decay on biases, norm scales or other 1-D param
 timm's `create_optimizer` filters them), BatchNorm statistics updated in train mode, and an
 EMA of parameters and statistics (timm `ModelEma`, decay 0.99996).
 
-Swap point: `make_train_step` is the only function the benchmarks call; once the trainer's
-`biformer_jax.steps.train_step` exists, make it return that function bound to its state.
+Swap point: `build_train` is the only function the benchmarks call. With `which='auto'`
+it runs the trainer's own `biformer_jax.steps.train_step` (with `biformer_jax.train_state`)
+when that module is importable (after the trainer branch is merged), else the equivalent
+step defined here; `which='trainer'` / `which='bench'` force one. Both use the same AdamW
+(weight decay mask: >1-D leaves), label-smoothed soft-target cross entropy and EMA.
 """
 
 from __future__ import annotations
@@ -94,6 +97,52 @@ def infer_step(model: nn.Module, variables: dict, images: jax.Array) -> jax.Arra
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
     """The jitted step(state, images, labels) -> (state, loss), donating the state."""
     return jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,))
+
+
+def _label_smoothing_mix(num_classes: int):
+    """The trainer's mix_fn without mixup/cutmix: (rng, images, labels) -> (images, smoothed targets)."""
+
+    def mix(rng, images, labels):
+        del rng
+        return images, smooth_labels(labels, num_classes)
+
+    return mix
+
+
+def build_train(model: nn.Module, images: jax.Array, labels: jax.Array, which: str = "auto", learning_rate=5e-4):
+    """A compiled-ready training step and its state.
+
+    Returns (name, state, step, args): `step(state, *args)` -> (state, aux), jitted with the
+    state donated; name is 'trainer' (biformer_jax.steps.train_step) or 'bench' (this file's).
+    """
+    if which not in ("auto", "trainer", "bench"):
+        raise ValueError(f"which={which!r} is not one of 'auto', 'trainer', 'bench'.")
+    trainer = None
+    if which in ("auto", "trainer"):
+        try:
+            from biformer_jax.train_state import init_train_state
+
+            from biformer_jax import steps as trainer  # the trainer's module, once merged
+        except ImportError:
+            if which == "trainer":
+                raise ImportError(
+                    "--train_step=trainer needs biformer_jax.steps and biformer_jax.train_state (the trainer "
+                    "branch); use --train_step=bench for this file's equivalent step."
+                ) from None
+    tx = make_optimizer(learning_rate)
+    if trainer is None:
+        state = jax.jit(lambda k: init_state(model, tx, k, images[:1]))(jax.random.key(0))
+        return "bench", state, make_train_step(model, tx), (images, labels)
+    state = jax.jit(lambda: init_train_state(0, model=model, tx=tx, input_shape=(1, *images.shape[1:]), use_ema=True))()
+    step = functools.partial(
+        trainer.train_step,
+        model=model,
+        tx=tx,
+        schedule=lambda step: jnp.asarray(learning_rate, jnp.float32),
+        mix_fn=_label_smoothing_mix(model.num_classes),
+        ema_decay=EMA_DECAY,
+    )
+    return "trainer", state, jax.jit(step, donate_argnums=(0,)), ({"image": images, "label": labels},)
 
 
 def make_infer_step(model: nn.Module):
