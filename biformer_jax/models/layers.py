@@ -8,6 +8,7 @@ and BatchNorm keeps PyTorch's running statistics and `num_batches_tracked` count
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -15,6 +16,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from biformer_jax.ops.recompute import tie
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -35,13 +38,90 @@ def fan_in_uniform_bias(fan_in: int) -> Initializer:
     return init
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation."""
-    return nn.gelu(x, approximate=False)
+    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation.
+
+    Its VJP keeps only x (autodiff would keep the erfc and the product as well: two more
+    hidden-width activations per MLP) and recomputes the derivative in the backward pass.
+    """
+    return 0.5 * x * jax.lax.erfc(-x * _SQRT_HALF)
 
 
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x = tie(g, x)
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * jax.lax.erfc(-x32 * _SQRT_HALF)
+    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
+    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> LayerNorm:
+    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+    """`nn.LayerNorm` over the last axis (params `scale`, `bias`), statistics in float32.
+
+    Its VJP keeps the normalised input and the per-row 1/std only (autodiff keeps the input,
+    the centred input and broadcast statistics as well), and forms the row sums of the
+    backward pass as matmuls with `scale`, so no full-size broadcast of it is materialised.
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    xc = x32 - mean
+    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = xc * rstd
+    y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (xhat.astype(x.dtype), rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    xhat, rstd, scale = res
+    c = xhat.shape[-1]
+    axes = tuple(range(xhat.ndim - 1))
+    g32, xhat32, scale32 = g.astype(jnp.float32), xhat.astype(jnp.float32), scale.astype(jnp.float32)
+    gx = g32 * xhat32
+    dscale = jnp.sum(gx, axis=axes)
+    dbias = jnp.sum(g32, axis=axes)
+    # dxhat = g * scale; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+    m1 = jnp.einsum("...c,c->...", g32, scale32)[..., None] / c  # (..., 1)
+    m2 = jnp.einsum("...c,c->...", gx, scale32)[..., None] / c  # (..., 1)
+    dx = rstd * (g32 * scale32 - m1 - xhat32 * m2)
+    return dx.astype(xhat.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dense(
@@ -76,20 +156,74 @@ def conv2d(
     param_dtype: Dtype,
     stride: int = 1,
     padding: int = 0,
-) -> nn.Conv:
+) -> Conv2d:
     """`nn.Conv2d(in, out, k, stride, padding)` on NHWC input, with PyTorch's default init."""
-    pad = ((padding, padding), (padding, padding))
-    return nn.Conv(
+    return Conv2d(
         features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=pad,
-        kernel_init=conv_init,
+        kernel_size,
+        stride=stride,
+        padding=padding,
         bias_init=fan_in_uniform_bias(in_features * kernel_size * kernel_size),
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
     )
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto' picks im2col + matmul on CPU (XLA:CPU's convolution and its filter gradient
+    are slower than one matmul over the kh*kw*C patch columns), XLA's convolution elsewhere."""
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("conv", "im2col"):
+        raise ValueError(f"conv impl={impl!r} is not one of 'auto', 'conv', 'im2col'.")
+    return impl
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Convolution as one matmul over patch columns. x: (N, H, W, Cin), kernel: (kh, kw, Cin, Cout)."""
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    out_h, out_w = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = [
+        xp[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]  # kh*kw of (N, H', W', Cin), in the (i, j, cin) order of kernel.reshape
+    patches = jnp.concatenate(cols, axis=-1)  # (N, H', W', kh*kw*Cin)
+    return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin, cout))  # (N, H', W', Cout)
+
+
+class Conv2d(nn.Module):
+    """A dense 2-D convolution on NHWC input; params `kernel` (kh, kw, Cin, Cout) and `bias`
+    as `nn.Conv` names them. `impl` chooses XLA's convolution or im2col + matmul."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = True
+    bias_init: Initializer = nn.initializers.zeros
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if resolve_conv_impl(self.impl) == "im2col":
+            y = im2col_conv(x, kernel, self.stride, self.padding)
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.stride, self.stride), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
 
 
 def resolve_dwconv_impl(impl: str) -> str:
@@ -103,7 +237,6 @@ def resolve_dwconv_impl(impl: str) -> str:
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "auto") -> jax.Array:
     """Stride-1 depthwise convolution. x: (N, H, W, C); kernel: (kh, kw, 1, C)."""
-    kh, kw = kernel.shape[:2]
     if resolve_dwconv_impl(impl) == "conv":
         return jax.lax.conv_general_dilated(
             x,
@@ -113,16 +246,97 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "a
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1],
         )
-    # Sum of kh*kw shifted, weighted slices of the padded input: XLA fuses it into one loop.
-    n, h, w, c = x.shape
-    out_h, out_w = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return shift_depthwise_conv(x, kernel, padding)
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array, pad_h: int, pad_w: int) -> jax.Array:
+    """sum_ij pad(x)[:, i:i+H', j:j+W'] * kernel[i, j]: one fused loop in XLA, no copies.
+
+    Pads (per side) may be negative (a crop), as the input gradient needs when pad > k - 1.
+    """
+    kh, kw = kernel.shape[:2]
+    _, h, w, _ = x.shape
+    out_h, out_w = h + 2 * pad_h - kh + 1, w + 2 * pad_w - kw + 1
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, ((0, 0, 0), (pad_h, pad_h, 0), (pad_w, pad_w, 0), (0, 0, 0)))
     out = None
     for i in range(kh):
         for j in range(kw):
             term = xp[:, i : i + out_h, j : j + out_w, :] * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def shift_depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Depthwise conv as a sum of shifted slices, with a hand-written VJP.
+
+    Left to autodiff, XLA materialises every shifted slice in the forward pass to reuse it
+    for the kernel gradient (kh*kw copies of the input, kept for the backward pass). Here
+    the forward keeps only x; the input gradient is the same shifted sum over the output
+    gradient with the kernel flipped; the kernel gradient is kh*kw reductions, each fused
+    with its slice.
+    """
+    return _shifted_sum(x, kernel, padding, padding)
+
+
+def _shift_dwconv_fwd(x, kernel, padding):
+    return _shifted_sum(x, kernel, padding, padding), (x, kernel)
+
+
+def _shift_dwconv_bwd(padding, res, g):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    # x[h] feeds out[h + padding - i]: the transpose correlates g, padded by k - 1 - padding,
+    # with the flipped kernel.
+    dx = _shifted_sum(g, kernel[::-1, ::-1], kh - 1 - padding, kw - 1 - padding)
+    win = _kernel_grad_windows(tie(g, x), kh, kw, padding, g.shape[2])
+    dk = _kernel_grad(win, g, kh, kw)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+KERNEL_GRAD_BLOCK = 8  # output columns per matmul block of the depthwise kernel gradient
+
+
+def _kernel_grad_windows(x: jax.Array, kh: int, kw: int, padding: int, out_w: int) -> jax.Array:
+    """x (N, H, W, C) -> overlapping column windows (C, nb, N*(H+2p), B+kw-1) of padded x."""
+    n, h, _, c = x.shape
+    bsz = KERNEL_GRAD_BLOCK
+    nb = -(-out_w // bsz)
+    extra = nb * bsz - out_w  # zero columns that round the output width up to whole blocks
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding + extra), (0, 0)))  # (N, Hp, nb*B+kw-1, C)
+    xt = xp.transpose(3, 0, 1, 2)  # (C, N, Hp, nb*B+kw-1)
+    span = bsz + kw - 1
+    win = jnp.stack([xt[..., b * bsz : b * bsz + span] for b in range(nb)], axis=1)  # (C, nb, N, Hp, span)
+    return win.reshape(c, nb, n * (h + 2 * padding), span)  # (C, nb, N*Hp, span)
+
+
+def _kernel_grad(win: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+    """dk[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c] as batched matmuls.
+
+    win: `_kernel_grad_windows(x)`, g: (N, H', W', C) -> (kh, kw, 1, C) float32. kh*kw
+    separate reductions would each read a materialised shifted copy of x (XLA:CPU fuses no
+    slice into a reduction). Instead, per channel and block of B output columns, a matmul
+    over the rows gives every (input column, output column) product sum of the block; its
+    kw diagonals are the kw column taps. The row tap i is g shifted down by i rows.
+    """
+    c, nb, _, span = win.shape
+    n, out_h, out_w, _ = g.shape
+    bsz = KERNEL_GRAD_BLOCK
+    gp = jnp.pad(g, ((0, 0), (0, 0), (0, nb * bsz - out_w), (0, 0)))  # (N, H', nb*B, C)
+    gt = gp.transpose(3, 0, 1, 2).reshape(c, n, out_h, nb, bsz)  # (C, N, H', nb, B)
+    gt = gt.transpose(0, 3, 1, 2, 4)  # (C, nb, N, H', B)
+    rows = []
+    for i in range(kh):
+        gi = jnp.pad(gt, ((0, 0), (0, 0), (0, 0), (i, kh - 1 - i), (0, 0)))  # (C, nb, N, Hp, B)
+        gi = gi.reshape(c, nb, -1, bsz)  # (C, nb, N*Hp, B)
+        m = jnp.einsum("cbrt,cbrs->cbts", win, gi, preferred_element_type=jnp.float32)  # (C, nb, span, B)
+        taps = [jnp.diagonal(m[:, :, j : j + bsz, :], axis1=2, axis2=3).sum(axis=(1, 2)) for j in range(kw)]
+        rows.append(jnp.stack(taps))  # (kw, C)
+    return jnp.stack(rows)[:, :, None, :]  # (kh, kw, 1, C)
+
+
+shift_depthwise_conv.defvjp(_shift_dwconv_fwd, _shift_dwconv_bwd)
 
 
 class DepthwiseConv2d(nn.Module):

@@ -6,7 +6,19 @@ Every implementation computes, for each query region p of each image n,
 
 with the keys of the `topk` routed regions concatenated, per head. With soft routing the
 gathered keys and values are both multiplied by the routing weight of their region, as the
-official `KVGather(mul_weight='soft')` does.
+official `KVGather(mul_weight='soft')` does. The implementations differ in what they hold
+in memory and how they map onto hardware:
+
+- 'gather': gathers the topk-fold K/V (autodiff keeps it for the backward); the reference.
+- 'masked': dense attention over all tokens with the non-routed regions masked out; fast
+  when regions are few and topk is a large share of them (BiFormer stage 3 at 224: 16 of 49).
+- 'chunked': online softmax over chunks of routed regions with a custom VJP that recomputes;
+  never holds the topk-fold K/V (memory: high resolution, dense prediction).
+- 'pallas': a kernel that reads K/V blocks by routing index (GPU/TPU); 'pallas_interpret'
+  runs the same kernel in Pallas interpret mode (CPU tests).
+- 'auto': 'masked' or 'gather' per call, from the shapes (see `resolve_impl`).
+
+The routing indices get no gradient; q and kv do, and r_weight with soft routing.
 """
 
 from __future__ import annotations
@@ -16,21 +28,81 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("gather",)
+IMPLS = ("gather", "masked", "chunked", "pallas", "pallas_interpret", "auto")
+
+# 'auto' uses dense masked attention when it costs at most this many times the routed
+# attention's logits (P / topk) and its logits stay small (elements per image and head).
+AUTO_MASKED_MAX_DENSITY_RATIO = 4
+AUTO_MASKED_MAX_LOGITS = 1 << 20
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """(N, P, T, m*c) -> (N, P, m, T, c): heads major, so each head's tokens are contiguous."""
+    n, p, t, ch = x.shape
+    x = x.reshape(n, p, t, num_heads, ch // num_heads)  # (N, P, T, m, c)
+    return x.transpose(0, 1, 3, 2, 4)  # (N, P, m, T, c)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """(N, P, m, T, c) -> (N, P, T, m*c), the inverse of `split_heads`."""
+    n, p, m, t, c = x.shape
+    return x.transpose(0, 1, 3, 2, 4).reshape(n, p, t, m * c)  # (N, P, T, m*c)
+
+
+def gather_heads(xh: jax.Array, r_idx: jax.Array) -> jax.Array:
+    """xh: (N, P, m, T, c), r_idx: (N, P, K) -> (N, P, m, K, T, c).
+
+    Indexes the region axis directly (its backward is a scatter-add into a tensor of xh's
+    size; the official gather from an expanded view allocates P times more), and produces
+    the heads-major layout the attention matmuls consume, so no K-fold tensor is transposed.
+    """
+    n, _, m = xh.shape[:3]
+    ni = jnp.arange(n)[:, None, None, None]  # (N, 1, 1, 1)
+    mi = jnp.arange(m)[None, None, :, None]  # (1, 1, m, 1)
+    ri = r_idx[:, :, None, :]  # (N, P, 1, K)
+    return xh.at[ni, ri, mi].get(mode="promise_in_bounds")  # (N, P, m, K, T, c)
 
 
 def gather_regions(kv: jax.Array, r_idx: jax.Array) -> jax.Array:
-    """kv: (N, P, T, C), r_idx: (N, P, K) -> (N, P, K, T, C).
-
-    Indexes the region axis of kv directly, so the backward pass is a scatter-add into a
-    tensor of kv's size (the official gather from an expanded view allocates P times more).
-    """
+    """kv: (N, P, T, C), r_idx: (N, P, K) -> (N, P, K, T, C), region-major."""
     n, p, t, c = kv.shape
     k = r_idx.shape[-1]
     flat = kv.reshape(n, p, t * c)  # (N, P, T*C)
     idx = r_idx.reshape(n, p * k, 1)  # (N, P*K, 1)
-    sel = jnp.take_along_axis(flat, idx, axis=1)  # (N, P*K, T*C)
+    sel = jnp.take_along_axis(flat, idx, axis=1, mode="promise_in_bounds")  # (N, P*K, T*C)
     return sel.reshape(n, p, k, t, c)  # (N, P, K, T, C)
+
+
+def check_inputs(q, kv, r_idx, r_weight, num_heads: int) -> None:
+    if q.ndim != 4 or kv.ndim != 4 or q.shape[:2] != kv.shape[:2]:
+        raise ValueError(
+            f"routed_attention expects q (N, P, Tq, Cqk) and kv (N, P, Tkv, Cqk+Cv) over the same (N, P); "
+            f"got q {q.shape} and kv {kv.shape}."
+        )
+    cqk, cv = q.shape[-1], kv.shape[-1] - q.shape[-1]
+    if cv <= 0 or cqk % num_heads or cv % num_heads:
+        raise ValueError(
+            f"routed_attention splits Cqk={cqk} and Cv={cv} (kv has {kv.shape[-1]} channels) into "
+            f"num_heads={num_heads} heads; both must be positive multiples of it."
+        )
+    if r_idx.ndim != 3 or r_idx.shape[:2] != q.shape[:2] or not jnp.issubdtype(r_idx.dtype, jnp.integer):
+        raise ValueError(f"r_idx must be integer (N, P, K) = ({q.shape[0]}, {q.shape[1]}, K); got {r_idx.shape}.")
+    if r_weight is not None and r_weight.shape != r_idx.shape:
+        raise ValueError(f"r_weight {r_weight.shape} must have r_idx's shape {r_idx.shape} (or be None).")
+
+
+def resolve_impl(impl: str, q_shape, kv_shape, topk: int) -> str:
+    """The implementation 'auto' runs for these shapes (others are returned unchanged)."""
+    if impl not in IMPLS:
+        raise ValueError(f"routed attention impl={impl!r} is not one of {IMPLS}.")
+    if impl != "auto":
+        return impl
+    _, p, tq, _ = q_shape
+    tkv = kv_shape[2]
+    dense_logits = (p * tq) * (p * tkv)
+    if p <= AUTO_MASKED_MAX_DENSITY_RATIO * topk and dense_logits <= AUTO_MASKED_MAX_LOGITS:
+        return "masked"
+    return "gather"
 
 
 def routed_attention(
@@ -48,26 +120,84 @@ def routed_attention(
     Args:
       q: (N, P, Tq, Cqk) queries grouped by region.
       kv: (N, P, Tkv, Cqk + Cv) keys then values, grouped by region (possibly pooled).
-      r_idx: (N, P, K) int, the routed regions of each query region.
+      r_idx: (N, P, K) int, the routed regions of each query region (distinct per row).
       r_weight: (N, P, K) routing weights, or None (hard routing).
       num_heads: heads; Cqk and Cv split as (heads, width) with heads major.
       scale: multiplier of q before the dot product.
-      impl: 'gather' materialises the K routed regions per query region.
+      impl: one of IMPLS (see the module docstring); all compute the same function.
     Returns:
-      (N, P, Tq, Cv).
+      (N, P, Tq, Cv) in q's dtype.
     """
-    if impl != "gather":
-        raise ValueError(f"routed attention impl={impl!r} is not one of {IMPLS}.")
+    check_inputs(q, kv, r_idx, r_weight, num_heads)
+    impl = resolve_impl(impl, q.shape, kv.shape, r_idx.shape[-1])
+    r_idx = jax.lax.stop_gradient(r_idx)
+    if impl == "gather":
+        return _gather_attention(q, kv, r_idx, r_weight, num_heads, scale)
+    if impl == "masked":
+        return _masked_attention(q, kv, r_idx, r_weight, num_heads, scale)
+    if impl == "chunked":
+        from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention
+
+        return chunked_routed_attention(q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale)
+    from biformer_jax.ops.pallas_routed_attention import pallas_routed_attention
+
+    return pallas_routed_attention(
+        q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale, interpret=impl == "pallas_interpret"
+    )
+
+
+def _gather_attention(q, kv, r_idx, r_weight, num_heads, scale):
     n, p, tq, cqk = q.shape
-    cv = kv.shape[-1] - cqk
-    m = num_heads
-    sel = gather_regions(kv, r_idx)  # (N, P, K, Tkv, Cqk+Cv)
+    k = r_idx.shape[-1]
+    tkv = kv.shape[2]
+    qh = split_heads(q * scale, num_heads)  # (N, P, m, Tq, c)
+    kh = split_heads(kv[..., :cqk], num_heads)  # (N, P, m, Tkv, c)
+    vh = split_heads(kv[..., cqk:], num_heads)  # (N, P, m, Tkv, cv)
+    k_sel = gather_heads(kh, r_idx)  # (N, P, m, K, Tkv, c)
+    v_sel = gather_heads(vh, r_idx)  # (N, P, m, K, Tkv, cv)
     if r_weight is not None:
-        sel = sel * r_weight[..., None, None].astype(sel.dtype)
-    k_sel = sel[..., :cqk].reshape(n, p, -1, m, cqk // m)  # (N, P, K*Tkv, m, Cqk/m)
-    v_sel = sel[..., cqk:].reshape(n, p, -1, m, cv // m)  # (N, P, K*Tkv, m, Cv/m)
-    qh = (q * scale).reshape(n, p, tq, m, cqk // m)  # (N, P, Tq, m, Cqk/m)
-    logits = jnp.einsum("npqmc,npkmc->npmqk", qh, k_sel, preferred_element_type=jnp.float32)
+        w = r_weight.astype(k_sel.dtype)[:, :, None, :, None, None]  # (N, P, 1, K, 1, 1)
+        k_sel, v_sel = k_sel * w, v_sel * w
+    k_sel = k_sel.reshape(*k_sel.shape[:3], k * tkv, -1)  # (N, P, m, K*Tkv, c)
+    v_sel = v_sel.reshape(*v_sel.shape[:3], k * tkv, -1)  # (N, P, m, K*Tkv, cv)
+    logits = jnp.einsum("npmqc,npmkc->npmqk", qh, k_sel, preferred_element_type=jnp.float32)
     attn = jax.nn.softmax(logits, axis=-1).astype(v_sel.dtype)  # (N, P, m, Tq, K*Tkv)
-    out = jnp.einsum("npmqk,npkmc->npqmc", attn, v_sel)  # (N, P, Tq, m, Cv/m)
-    return out.reshape(n, p, tq, cv)
+    out = jnp.einsum("npmqk,npmkc->npmqc", attn, v_sel)  # (N, P, m, Tq, cv)
+    return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
+
+
+def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
+    """Dense attention over all P*Tkv keys, restricted to the routed regions by a mask.
+
+    Equal to the routed attention: a masked logit is -inf, so its probability is exactly 0
+    and the softmax normalises over the routed keys only. Soft routing weights scale the
+    logits of their region (q . w k = w (q . k)) and the probabilities applied to V.
+    """
+    n, p, tq, cqk = q.shape
+    tkv = kv.shape[2]
+    m = num_heads
+    qh = split_heads(q * scale, m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tq, -1)  # (N, m, P*Tq, c)
+    kh = split_heads(kv[..., :cqk], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, c)
+    vh = split_heads(kv[..., cqk:], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, cv)
+    routed = (
+        jnp.zeros((n, p, p), jnp.bool_).at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx].set(True)
+    )  # (N, P, P'): query region p attends to key region p'
+    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
+    logits = logits.reshape(n, m, p, tq, p, tkv)  # (N, m, P, Tq, P', Tkv)
+    if r_weight is not None:
+        w = (
+            jnp.zeros((n, p, p), jnp.float32)
+            .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+            .set(r_weight.astype(jnp.float32))
+        )  # (N, P, P'), dense routing weights
+        w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
+        logits = logits * w6
+    mask = routed[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    attn = jax.nn.softmax(logits.reshape(n, m, p, tq, p * tkv), axis=-1)  # (N, m, P, Tq, P'*Tkv)
+    if r_weight is not None:
+        attn = (attn.reshape(n, m, p, tq, p, tkv) * w6).reshape(n, m, p, tq, p * tkv)
+    attn = attn.reshape(n, m, p * tq, p * tkv).astype(vh.dtype)  # (N, m, P*Tq, P*Tkv)
+    out = jnp.einsum("nmqk,nmkc->nmqc", attn, vh)  # (N, m, P*Tq, cv)
+    out = out.reshape(n, m, p, tq, -1).transpose(0, 2, 1, 3, 4)  # (N, P, m, Tq, cv)
+    return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)

@@ -1,0 +1,207 @@
+"""Steady-state throughput of a BiFormer training step or inference, on any backend.
+
+    python benchmarks/throughput.py --model=biformer_tiny --batch=8 --res=224 --mode=train
+    python benchmarks/throughput.py --model=biformer_small --mode=infer --attn_impl=chunked --dtype=bfloat16
+    # side by side with the official PyTorch model, alternating in one process (CPU):
+    python benchmarks/throughput.py --model=biformer_tiny --mode=train --official_repo=/tmp/official_biformer
+
+Compilation is excluded (the step is lowered and compiled first, then run `--warmup` times);
+each of `--rounds` rounds times `--steps` steps, and the median step time is reported. With
+`--official_repo`, each round times our step and then the official one, so both see the same
+machine load; the ratio is taken per round. The last line printed is one JSON object:
+img_per_s, step_ms, peak_bytes (the compiled program's memory analysis: arguments + outputs
++ temporaries - aliased, where the backend reports it), temp_bytes, backend, peak_rss_bytes
+(the process's high-water RSS), and with --official_repo official_img_per_s and speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's biformer_jax first
+
+import train_step as steps  # noqa: E402  (benchmarks/train_step.py)
+
+from biformer_jax import models  # noqa: E402
+from biformer_jax.ops.routed_attention import IMPLS  # noqa: E402
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="biformer_tiny", help=f"one of {models.list_models()}")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--res", type=int, default=224, help="square input side")
+    ap.add_argument("--mode", choices=("train", "infer"), default="train")
+    ap.add_argument(
+        "--train_step",
+        default="auto",
+        choices=("auto", "trainer", "bench"),
+        help="the trainer's biformer_jax.steps.train_step when importable (auto), or benchmarks/train_step.py's",
+    )
+    ap.add_argument("--attn_impl", "--attn-impl", default="gather", help=f"routed attention: one of {IMPLS}")
+    ap.add_argument("--dwconv_impl", "--dwconv-impl", default="auto", choices=("auto", "conv", "shift"))
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (params stay float32)")
+    ap.add_argument("--n_win", "--n-win", type=int, default=None, help="regions per side (default: the variant's)")
+    ap.add_argument(
+        "--auto_pad", "--auto-pad", action="store_true", help="pad maps n_win does not divide (dense prediction)"
+    )
+    ap.add_argument(
+        "--drop_path", "--drop-path", type=float, default=0.1, help="stochastic depth rate (official default 0.1)"
+    )
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--official_repo",
+        "--official-repo",
+        "--official",
+        default=None,
+        help="checkout of rayleizhu/BiFormer to time alongside",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the official model")
+    return ap.parse_args(argv)
+
+
+def build_model(args):
+    kw = dict(attn_impl=args.attn_impl, dwconv_impl=args.dwconv_impl, dtype=DTYPES[args.dtype])
+    if args.n_win is not None:
+        kw["n_win"] = args.n_win
+    if args.auto_pad:
+        kw["auto_pad"] = True
+    if args.mode == "train":
+        kw["drop_path_rate"] = args.drop_path
+    return models.create_model(args.model, **kw)
+
+
+class OursBench:
+    """Our step, compiled ahead of time; `step()` runs one and blocks until it is done."""
+
+    def __init__(self, args):
+        model = build_model(args)
+        rng = np.random.default_rng(0)
+        images = jnp.asarray(rng.standard_normal((args.batch, args.res, args.res, 3)), jnp.float32)
+        labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch), jnp.int32)
+        t0 = time.perf_counter()
+        self.train_step = None
+        if args.mode == "train":
+            self.train_step, state, fn, step_args = steps.build_train(model, images, labels, args.train_step)
+            self.compiled = fn.lower(state, *step_args).compile()
+            self.state, self._args = state, step_args
+
+            def run():
+                self.state, aux = self.compiled(self.state, *self._args)
+                return aux
+
+        else:
+            variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(jax.random.key(0))
+            fn = steps.make_infer_step(model)
+            self.compiled = fn.lower(variables, images).compile()
+
+            def run():
+                return self.compiled(variables, images)
+
+        self.compile_s = time.perf_counter() - t0
+        self._run = run
+
+    def step(self) -> None:
+        jax.block_until_ready(self._run())
+
+    def memory(self) -> dict:
+        try:
+            m = self.compiled.memory_analysis()
+        except Exception:  # some backends do not implement it
+            m = None
+        if m is None:
+            return {"peak_bytes": None, "temp_bytes": None}
+        peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        return {
+            "peak_bytes": int(peak),
+            "temp_bytes": int(m.temp_size_in_bytes),
+            "argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "alias_bytes": int(m.alias_size_in_bytes),
+        }
+
+
+def time_steps(bench, n: int) -> float:
+    """Median seconds per step over n steps."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        bench.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ours = OursBench(args)
+    official = None
+    if args.official_repo:
+        import official_pytorch
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        net = official_pytorch.build(args.official_repo, args.model, args.n_win, args.auto_pad, args.drop_path)
+        official = official_pytorch.OfficialBench(net, args.mode, args.batch, args.res)
+    for _ in range(args.warmup):
+        ours.step()
+        if official is not None:
+            official.step()
+    ours_s, theirs_s = [], []
+    for r in range(args.rounds):
+        ours_s.append(time_steps(ours, args.steps))
+        line = f"round {r}: ours {1e3 * ours_s[-1]:.0f} ms/step ({args.batch / ours_s[-1]:.2f} img/s)"
+        if official is not None:
+            theirs_s.append(time_steps(official, args.steps))
+            line += (
+                f", official {1e3 * theirs_s[-1]:.0f} ms/step ({args.batch / theirs_s[-1]:.2f} img/s),"
+                f" speedup {theirs_s[-1] / ours_s[-1]:.2f}x"
+            )
+        print(line, flush=True)
+    step_s = statistics.median(ours_s)
+    result = {
+        "model": args.model,
+        "mode": args.mode,
+        "batch": args.batch,
+        "res": args.res,
+        "attn_impl": args.attn_impl,
+        "train_step": ours.train_step,
+        "dwconv_impl": args.dwconv_impl,
+        "dtype": args.dtype,
+        "n_win": args.n_win,
+        "img_per_s": args.batch / step_s,
+        "step_ms": 1e3 * step_s,
+        **ours.memory(),
+        "compile_s": ours.compile_s,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if official is not None:
+        ratios = [t / o for o, t in zip(ours_s, theirs_s)]
+        result.update(
+            official_img_per_s=args.batch / statistics.median(theirs_s),
+            official_step_ms=1e3 * statistics.median(theirs_s),
+            speedup=statistics.median(ratios),
+            speedup_per_round=ratios,
+        )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
