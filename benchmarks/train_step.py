@@ -120,9 +120,8 @@ def build_train(model: nn.Module, images: jax.Array, labels: jax.Array, which: s
     trainer = None
     if which in ("auto", "trainer"):
         try:
-            from biformer_jax.train_state import init_train_state
-
             from biformer_jax import steps as trainer  # the trainer's module, once merged
+            from biformer_jax.train_state import init_train_state
         except ImportError:
             if which == "trainer":
                 raise ImportError(
