@@ -2,13 +2,14 @@
 
     python benchmarks/throughput.py --model=biformer_tiny --batch=8 --res=224 --mode=train
     python benchmarks/throughput.py --model=biformer_small --mode=infer --attn_impl=chunked --dtype=bfloat16
-    # side by side with the official PyTorch model, alternating in one process (CPU):
+    # side by side with the official PyTorch model (in a worker process), alternating (CPU):
     python benchmarks/throughput.py --model=biformer_tiny --mode=train --official_repo=/tmp/official_biformer
 
 Compilation is excluded (the step is lowered and compiled first, then run `--warmup` times);
 each of `--rounds` rounds times `--steps` steps, and the median step time is reported. With
-`--official_repo`, each round times our step and then the official one, so both see the same
-machine load; the ratio is taken per round. The last line printed is one JSON object:
+`--official_repo`, each round times our step and then the official one (run in a worker
+process, stepped from here), so both see the same machine load; the ratio is taken per round.
+The last line printed is one JSON object:
 img_per_s, step_ms, peak_bytes (the compiled program's memory analysis: arguments + outputs
 + temporaries - aliased, where the backend reports it), temp_bytes, backend, peak_rss_bytes
 (the process's high-water RSS), and with --official_repo official_img_per_s and speedup.
@@ -151,12 +152,19 @@ def main(argv=None) -> dict:
     official = None
     if args.official_repo:
         import official_pytorch
-        import torch
 
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        net = official_pytorch.build(args.official_repo, args.model, args.n_win, args.auto_pad, args.drop_path)
-        official = official_pytorch.OfficialBench(net, args.mode, args.batch, args.res)
+        # Its own process: in ours, XLA's and PyTorch's thread pools contend (see SubprocessBench).
+        official = official_pytorch.SubprocessBench(
+            args.official_repo,
+            args.model,
+            args.n_win,
+            args.auto_pad,
+            args.drop_path,
+            args.mode,
+            args.batch,
+            args.res,
+            args.threads,
+        )
     for _ in range(args.warmup):
         ours.step()
         if official is not None:
@@ -194,6 +202,7 @@ def main(argv=None) -> dict:
     if official is not None:
         ratios = [t / o for o, t in zip(ours_s, theirs_s)]
         result.update(
+            official_peak_rss_bytes=official.close(),
             official_img_per_s=args.batch / statistics.median(theirs_s),
             official_step_ms=1e3 * statistics.median(theirs_s),
             speedup=statistics.median(ratios),
