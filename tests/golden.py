@@ -161,3 +161,27 @@ def route_agreement(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[i
         same += int(rows.sum())
         total += rows.size
     return same, total
+
+
+def eval_case(case: str) -> tuple[float, int, int]:
+    """Runs an eval case through the calling convention of golden/README.md.
+
+    Returns (logits relative L2 error, routed rows with the official region set, all rows).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from biformer_jax import convert, models
+
+    g = require(case)
+    model = models.create_model(g.model_name, **g.kwargs)
+    variables = convert.from_torch_state_dict(g.state_dict(), model)
+
+    @jax.jit
+    def forward(variables, x):
+        logits, inter = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return logits, models.collect_routes(inter)
+
+    logits, routes = forward(variables, jnp.asarray(g.input_nhwc()))
+    same, total = route_agreement(routes, g.routes())
+    return rel_l2(logits, g.data["logits"]), same, total

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from golden import recipe_value, rel_l2, require, route_agreement
+from golden import eval_case, recipe_value, require
 
 from biformer_jax import convert, models
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention
@@ -20,18 +20,7 @@ from biformer_jax.ops.topk import topk
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["debiformer_tiny", "debiformer_small", "debiformer_base"])
 def test_golden_logits_and_routes(case):
-    g = require(case)
-    model = models.create_model(g.model_name, **g.kwargs)
-    variables = convert.from_torch_state_dict(g.state_dict(), model)
-
-    @jax.jit
-    def forward(variables, x):
-        logits, inter = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return logits, models.collect_routes(inter)
-
-    logits, routes = forward(variables, jnp.asarray(g.input_nhwc()))
-    err = rel_l2(logits, g.data["logits"])
-    same, total = route_agreement(routes, g.routes())
+    err, same, total = eval_case(case)
     summary = f"{case}: logits rel L2 {err:.2e} (bar 1e-3), routes {same}/{total} ({same / total:.4%})"
     print(summary)
     assert err <= 1e-3, summary

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import rel_l2, require, route_agreement
+from golden import eval_case, rel_l2, require
 
 from biformer_jax import convert, models
 
@@ -18,18 +18,7 @@ def _params(cases):
 
 @pytest.mark.parametrize("case", _params(EVAL_CASES))
 def test_eval_logits_and_routes(case):
-    g = require(case)
-    model = models.create_model(g.model_name, **g.kwargs)
-    variables = convert.from_torch_state_dict(g.state_dict(), model)
-
-    @jax.jit
-    def forward(variables, x):
-        logits, inter = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return logits, models.collect_routes(inter)
-
-    logits, routes = forward(variables, jnp.asarray(g.input_nhwc()))
-    err = rel_l2(logits, g.data["logits"])
-    same, total = route_agreement(routes, g.routes())
+    err, same, total = eval_case(case)
     print(f"{case}: logits rel L2 {err:.2e}, routes {same}/{total}")
     assert err <= 1e-4, f"{case}: logits relative L2 error {err:.3e} > 1e-4"
     assert same >= 0.999 * total, f"{case}: only {same}/{total} routed rows pick the official region set"
