@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("auto", "trainer", "bench"),
         help="the trainer's biformer_jax.steps.train_step when importable (auto), or benchmarks/train_step.py's",
     )
-    ap.add_argument("--attn_impl", "--attn-impl", default="gather", help=f"routed attention: one of {IMPLS}")
+    ap.add_argument("--attn_impl", "--attn-impl", default="auto", help=f"routed attention: one of {IMPLS}")
     ap.add_argument("--dwconv_impl", "--dwconv-impl", default="auto", choices=("auto", "conv", "shift"))
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (params stay float32)")
     ap.add_argument("--n_win", "--n-win", type=int, default=None, help="regions per side (default: the variant's)")

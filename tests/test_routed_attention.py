@@ -275,7 +275,7 @@ def golden_eval(case: str, **overrides):
     return g, logits, models.collect_routes(state)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "masked"])
+@pytest.mark.parametrize("impl", ["gather", "chunked", "masked"])
 @pytest.mark.parametrize("case", ["opts_b", "opts_c_autopad"])
 def test_golden_parity_with_impl(case, impl):
     """opts_b: soft, parametric, differentiable routing with pooled kv; opts_c: auto_pad."""

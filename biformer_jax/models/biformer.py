@@ -61,7 +61,7 @@ class Block(nn.Module):
     before_attn_dwconv: int = 3
     pre_norm: bool = True
     auto_pad: bool = False
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -215,7 +215,7 @@ class BiFormer(nn.Module):
     mlp_dwconv: bool = False
     # --- JAX-side options -----------------------------------------------------------
     features_only: bool = False
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -87,7 +87,7 @@ class DeBiFormerBlock(nn.Module):
     auto_pad: bool = False  # accepted; the attention always pads
     settings: Optional[DeformSettings] = None
     routing_ties: str = "torch"
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -237,7 +237,7 @@ class DeBiFormer(nn.Module):
     deform_settings: Optional[Sequence[Sequence[int]]] = None
     routing_ties: str = "torch"
     features_only: bool = False
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -209,7 +209,7 @@ class DeBiLevelRoutingAttention(nn.Module):
     param_size: str = "small"
     settings: Optional[DeformSettings] = None  # overrides the param_size table
     topk_ties: str = "torch"  # the router's tie-breaking, see biformer_jax.ops.topk
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -151,7 +151,7 @@ class BiLevelRoutingAttention(nn.Module):
     soft_routing: bool = False
     side_dwconv: int = 3
     auto_pad: bool = False
-    attn_impl: str = "gather"
+    attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
