@@ -195,6 +195,16 @@ def _tpu_interpret(interpret: bool):
 # --- TPU: scalar-prefetched routing drives the index maps --------------------------------
 
 
+def _tpu_own_block(b, r, h, j, *_):
+    """Index map over grid (N, P, m, topk) with the prefetched routing: the query's own block."""
+    return (b, r, h, 0, 0)
+
+
+def _tpu_routed_block(b, r, h, j, idx, *_):
+    """Index map: the j-th routed K/V block of query region r (idx = prefetched r_idx)."""
+    return (b, idx[b, r, j], h, 0, 0)
+
+
 def _tpu_forward(qh, kh, vh, r_idx, w, interpret):
     n, p, m, tq, d = qh.shape
     tkv, dv = kh.shape[3], vh.shape[4]
@@ -218,8 +228,7 @@ def _tpu_forward(qh, kh, vh, r_idx, w, interpret):
             o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
             lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
 
-    own = lambda b, r, h, j, idx, w: (b, r, h, 0, 0)  # noqa: E731
-    routed = lambda b, r, h, j, idx, w: (b, idx[b, r, j], h, 0, 0)  # noqa: E731
+    own, routed = _tpu_own_block, _tpu_routed_block
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(n, p, m, topk),
@@ -250,8 +259,7 @@ def _tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
     n, p, m, tq, d = qh.shape
     tkv, dv = kh.shape[3], vh.shape[4]
     topk = r_idx.shape[-1]
-    own = lambda b, r, h, j, *_: (b, r, h, 0, 0)  # noqa: E731
-    routed = lambda b, r, h, j, idx, w: (b, idx[b, r, j], h, 0, 0)  # noqa: E731
+    own, routed = _tpu_own_block, _tpu_routed_block
 
     def dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dl_ref, dq_ref, dw_ref, dq_sc, dw_sc):
         b, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(3)
