@@ -1,12 +1,16 @@
 """BiFormer behaviour on micro variants: every official option, features, errors, counts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from biformer_jax import models
-from biformer_jax.models.routing import adaptive_pool
+from biformer_jax.models.layers import ConvMlp, layer_norm
+from biformer_jax.models.routing import BiLevelRoutingAttention, adaptive_pool
 
 MICRO = dict(
     depth=(1, 1, 1, 1),
@@ -169,6 +173,38 @@ def test_remat_stages_same_values_and_grads():
     lb, gb = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
     np.testing.assert_allclose(la, lb, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ga, gb)
+
+
+class _NormThen(nn.Module):
+    """norm -> BRA -> norm -> MLP, with the norms fused into the first Linears or not."""
+
+    fused: bool
+
+    @nn.compact
+    def __call__(self, x):
+        norm1, norm2 = layer_norm("norm1", jnp.float32, jnp.float32), layer_norm("norm2", jnp.float32, jnp.float32)
+        attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=4, topk=3, auto_pad=True, name="attn")
+        mlp = ConvMlp(48, 16, name="mlp")
+        x = x + (attn(x, norm=norm1) if self.fused else attn(norm1(x)))
+        return x + (mlp(x, norm=norm2) if self.fused else mlp(norm2(x)))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (2, 10, 7, 16)])  # on the region grid, and auto-padded
+def test_fused_norm_linear_and_gelu_linear_match_autodiff(shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    params = _NormThen(True).init(jax.random.key(0), x)["params"]
+    # Non-trivial norm and bias values, so the fused backward's recomputation is exercised.
+    params = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)
+
+    def loss(fused, p, x):
+        return jnp.sum(jnp.sin(_NormThen(fused).apply({"params": p}, x)))
+
+    (la, (gpa, gxa)), (lb, (gpb, gxb)) = (
+        jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1))(params, x) for f in (True, False)
+    )
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    np.testing.assert_allclose(gxa, gxb, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gpa, gpb)
 
 
 def test_bfloat16_compute_stays_close():

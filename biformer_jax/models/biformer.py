@@ -128,8 +128,10 @@ class Block(nn.Module):
             return y if g is None else g * y
 
         if self.pre_norm:
-            x = x + drop(scaled(g1, attn(norm1(x))), train)
-            x = x + drop(scaled(g2, mlp(norm2(x))), train)
+            # BRA fuses norm1 into its qkv Linear; the other token mixers take norm1(x).
+            fused = isinstance(attn, BiLevelRoutingAttention)
+            x = x + drop(scaled(g1, attn(x, norm=norm1) if fused else attn(norm1(x))), train)
+            x = x + drop(scaled(g2, mlp(x, norm=norm2)), train)
         else:
             x = norm1(x + drop(scaled(g1, attn(x)), train))
             x = norm2(x + drop(scaled(g2, mlp(x)), train))

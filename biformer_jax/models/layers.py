@@ -84,11 +84,17 @@ class LayerNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dense: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+        """LayerNorm(x), or, given a following Linear's `dense=(kernel, bias)`, that Linear
+        applied to it: the fused VJP then keeps the normalised input for both (the Linear's
+        input is recomputed from it in the backward pass instead of being held as well)."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+        if dense is None:
+            return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+        kernel, dense_bias = (a.astype(self.dtype) for a in dense)
+        return _layer_norm_dense(x.astype(self.dtype), scale, bias, kernel, dense_bias, self.epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -122,6 +128,89 @@ def _layer_norm_bwd(eps, res, g):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _layer_norm_dense(x, scale, bias, kernel, dense_bias, eps):
+    y = _layer_norm_fwd(x, scale, bias, eps)[0]
+    return jnp.dot(y, kernel) + dense_bias
+
+
+def _layer_norm_dense_fwd(x, scale, bias, kernel, dense_bias, eps):
+    y, (xhat, rstd, _) = _layer_norm_fwd(x, scale, bias, eps)
+    return jnp.dot(y, kernel) + dense_bias, (xhat, rstd, scale, bias, kernel)
+
+
+def _layer_norm_dense_bwd(eps, res, g):
+    xhat, rstd, scale, bias, kernel = res
+    xhat = tie(g, xhat)
+    y = (xhat.astype(jnp.float32) * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(g.dtype)
+    lead = tuple(range(g.ndim - 1))
+    dkernel = jnp.tensordot(y, g, axes=(lead, lead))  # (C, out)
+    ddense_bias = jnp.sum(g, axis=lead)
+    dy = jnp.dot(g, kernel.T)  # (..., C)
+    dx, dscale, dbias = _layer_norm_bwd(eps, (xhat, rstd, scale), dy)
+    return dx, dscale, dbias, dkernel.astype(kernel.dtype), ddense_bias.astype(kernel.dtype)
+
+
+_layer_norm_dense.defvjp(_layer_norm_dense_fwd, _layer_norm_dense_bwd)
+
+
+class DenseParams(nn.Module):
+    """The `kernel` and `bias` of `dense(features, name)` (same init), for fused ops."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+    torch_init_fan_in: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        torch_init = self.torch_init_fan_in is not None
+        kernel_init = conv_init if torch_init else dense_init
+        bias_init = fan_in_uniform_bias(self.torch_init_fan_in) if torch_init else nn.initializers.zeros
+        kernel = self.param("kernel", kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+        return kernel, bias
+
+
+class GeluDense(nn.Module):
+    """`dense(features)(gelu(x))` (params `kernel`, `bias` as nn.Dense) with a VJP that keeps
+    only x: the GELU output, which the matmul's weight gradient needs, is recomputed in the
+    backward pass instead of being held (one hidden-width activation per MLP)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return _gelu_dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+@jax.custom_vjp
+def _gelu_dense(x, kernel, bias):
+    return jnp.dot(gelu(x), kernel) + bias
+
+
+def _gelu_dense_fwd(x, kernel, bias):
+    return _gelu_dense(x, kernel, bias), (x, kernel)
+
+
+def _gelu_dense_bwd(res, g):
+    x, kernel = res
+    x = tie(g, x)
+    a = gelu(x)
+    lead = tuple(range(g.ndim - 1))
+    dkernel = jnp.tensordot(a, g, axes=(lead, lead))  # (in, out)
+    dbias = jnp.sum(g, axis=lead)
+    da = jnp.dot(g, kernel.T)
+    (dx,) = _gelu_bwd(x, da)
+    return dx, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
+
+
+_gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
 def dense(
@@ -437,12 +526,15 @@ class ConvMlp(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = dense(self.hidden, "0", self.dtype, self.param_dtype)(x)
+    def __call__(self, x: jax.Array, norm: Optional[LayerNorm] = None) -> jax.Array:
+        """mlp(x), or mlp(norm(x)) with the norm fused into the first Linear (see LayerNorm)."""
+        if norm is None:
+            x = dense(self.hidden, "0", self.dtype, self.param_dtype)(x)
+        else:
+            x = norm(x, dense=DenseParams(self.hidden, self.param_dtype, name="0")(x.shape[-1]))
         if self.dwconv:
             x = DWConvWrapper(self.dwconv_impl, self.dtype, self.param_dtype, name="1")(x)
-        x = gelu(x)
-        return dense(self.out, "3", self.dtype, self.param_dtype)(x)
+        return GeluDense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="3")(x)
 
 
 class DWConvWrapper(nn.Module):

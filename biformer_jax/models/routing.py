@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import DepthwiseConv2d, Dtype, dense
+from biformer_jax.models.layers import DenseParams, DepthwiseConv2d, Dtype, LayerNorm, dense
 from biformer_jax.ops.routed_attention import routed_attention
 from biformer_jax.ops.topk import topk
 
@@ -207,7 +207,8 @@ class BiLevelRoutingAttention(nn.Module):
             self.topk_ties,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: Optional[LayerNorm] = None) -> jax.Array:
+        """BRA(x), or BRA(norm(x)) with the norm fused into the qkv Linear (see LayerNorm)."""
         n, h_in, w_in, c = x.shape
         p, qk = self.n_win, self._qk_dim
         pad_b, pad_r = (-h_in) % p, (-w_in) % p
@@ -218,11 +219,11 @@ class BiLevelRoutingAttention(nn.Module):
                     f"not divide; pass auto_pad=True to pad it (as for dense prediction), or feed "
                     f"images whose side is a multiple of 32 * n_win = {32 * p}."
                 )
-            x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
-        _, hh, ww, _ = x.shape
+        hh, ww = h_in + pad_b, w_in + pad_r
         h, w = hh // p, ww // p  # region size in tokens
 
-        q, kv = self.qkv(x)  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        # Padding (auto_pad) goes after the norm, as in the official code: zero tokens.
+        q, kv = self.qkv(x, norm, (pad_b, pad_r))  # (N, H, W, Cqk), (N, H, W, Cqk + C)
         q_reg = to_regions(q, p)  # (N, P, h, w, Cqk)
         kv_reg = to_regions(kv, p)  # (N, P, h, w, Cqk + C)
         kv_pix = kv_downsample(kv_reg, self.kv_downsample_mode, self.kv_per_win, self.kv_downsample_ratio)
@@ -260,9 +261,18 @@ class _QKVLinear(nn.Module):
     torch_init: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, norm: Optional[LayerNorm] = None, pad: tuple[int, int] = (0, 0)):
         fan_in = self.dim if self.torch_init else None
-        y = dense(2 * self.qk_dim + self.dim, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
+        features = 2 * self.qk_dim + self.dim
+        widths = ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0))
+        if norm is None:
+            x = jnp.pad(x, widths) if any(pad) else x
+            y = dense(features, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
+        else:
+            kernel, bias = DenseParams(features, self.param_dtype, fan_in, name="qkv")(x.shape[-1])
+            # A zero (padding) token after the norm maps to the bias alone.
+            y = norm(x, dense=(kernel, jnp.zeros_like(bias)))  # (N, H_in, W_in, Cout)
+            y = (jnp.pad(y, widths) if any(pad) else y) + bias.astype(self.dtype)
         return y[..., : self.qk_dim], y[..., self.qk_dim :]
 
 
