@@ -84,17 +84,30 @@ class LayerNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, dense: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        dense: Optional[tuple[jax.Array, jax.Array]] = None,
+        split_at: Optional[int] = None,
+    ):
         """LayerNorm(x), or, given a following Linear's `dense=(kernel, bias)`, that Linear
         applied to it: the fused VJP then keeps the normalised input for both (the Linear's
-        input is recomputed from it in the backward pass instead of being held as well)."""
+        input is recomputed from it in the backward pass instead of being held as well).
+        `split_at=k` returns the Linear's output as the pair (out[..., :k], out[..., k:]),
+        computed as two matmuls, so their gradients never need joining into one array."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         if dense is None:
             return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
         kernel, dense_bias = (a.astype(self.dtype) for a in dense)
-        return _layer_norm_dense(x.astype(self.dtype), scale, bias, kernel, dense_bias, self.epsilon)
+        if split_at is None:
+            kernels, biases = (kernel,), (dense_bias,)
+        else:
+            kernels = (kernel[:, :split_at], kernel[:, split_at:])
+            biases = (dense_bias[:split_at], dense_bias[split_at:])
+        out = _layer_norm_dense(x.astype(self.dtype), scale, bias, kernels, biases, self.epsilon)
+        return out[0] if split_at is None else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -131,26 +144,28 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _layer_norm_dense(x, scale, bias, kernel, dense_bias, eps):
+def _layer_norm_dense(x, scale, bias, kernels, dense_biases, eps):
+    """LayerNorm, then one Linear per (kernel, bias) pair: a tuple of outputs."""
     y = _layer_norm_fwd(x, scale, bias, eps)[0]
-    return jnp.dot(y, kernel) + dense_bias
+    return tuple(jnp.dot(y, k) + b for k, b in zip(kernels, dense_biases))
 
 
-def _layer_norm_dense_fwd(x, scale, bias, kernel, dense_bias, eps):
+def _layer_norm_dense_fwd(x, scale, bias, kernels, dense_biases, eps):
     y, (xhat, rstd, _) = _layer_norm_fwd(x, scale, bias, eps)
-    return jnp.dot(y, kernel) + dense_bias, (xhat, rstd, scale, bias, kernel)
+    out = tuple(jnp.dot(y, k) + b for k, b in zip(kernels, dense_biases))
+    return out, (xhat, rstd, scale, bias, kernels)
 
 
-def _layer_norm_dense_bwd(eps, res, g):
-    xhat, rstd, scale, bias, kernel = res
-    xhat = tie(g, xhat)
-    y = (xhat.astype(jnp.float32) * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(g.dtype)
-    lead = tuple(range(g.ndim - 1))
-    dkernel = jnp.tensordot(y, g, axes=(lead, lead))  # (C, out)
-    ddense_bias = jnp.sum(g, axis=lead)
-    dy = jnp.dot(g, kernel.T)  # (..., C)
+def _layer_norm_dense_bwd(eps, res, gs):
+    xhat, rstd, scale, bias, kernels = res
+    xhat = tie(gs[0], xhat)
+    y = (xhat.astype(jnp.float32) * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(gs[0].dtype)
+    lead = tuple(range(y.ndim - 1))
+    dkernels = tuple(jnp.tensordot(y, g, axes=(lead, lead)).astype(k.dtype) for k, g in zip(kernels, gs))  # (C, out)
+    dbiases = tuple(jnp.sum(g, axis=lead).astype(k.dtype) for k, g in zip(kernels, gs))
+    dy = sum(jnp.dot(g, k.T) for k, g in zip(kernels, gs))  # (..., C)
     dx, dscale, dbias = _layer_norm_bwd(eps, (xhat, rstd, scale), dy)
-    return dx, dscale, dbias, dkernel.astype(kernel.dtype), ddense_bias.astype(kernel.dtype)
+    return dx, dscale, dbias, dkernels, dbiases
 
 
 _layer_norm_dense.defvjp(_layer_norm_dense_fwd, _layer_norm_dense_bwd)

@@ -271,8 +271,11 @@ class _QKVLinear(nn.Module):
         else:
             kernel, bias = DenseParams(features, self.param_dtype, fan_in, name="qkv")(x.shape[-1])
             # A zero (padding) token after the norm maps to the bias alone.
-            y = norm(x, dense=(kernel, jnp.zeros_like(bias)))  # (N, H_in, W_in, Cout)
-            y = (jnp.pad(y, widths) if any(pad) else y) + bias.astype(self.dtype)
+            q, kv = norm(x, dense=(kernel, jnp.zeros_like(bias)), split_at=self.qk_dim)  # (N, H_in, W_in, Cq|Ckv)
+            if any(pad):
+                q, kv = jnp.pad(q, widths), jnp.pad(kv, widths)
+            bias = bias.astype(self.dtype)
+            return q + bias[: self.qk_dim], kv + bias[self.qk_dim :]
         return y[..., : self.qk_dim], y[..., self.qk_dim :]
 
 
