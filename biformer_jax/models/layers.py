@@ -171,6 +171,15 @@ def _layer_norm_dense_bwd(eps, res, gs):
 _layer_norm_dense.defvjp(_layer_norm_dense_fwd, _layer_norm_dense_bwd)
 
 
+def dense_initializers(torch_init_fan_in: Optional[int]) -> tuple[Initializer, Initializer]:
+    """(kernel_init, bias_init) of a Linear: timm's trunc_normal(.02) and zero bias (BiFormer's
+    `_init_weights`), or, given the input width, PyTorch's own default U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)) for both (DeBiFormer never re-initialises)."""
+    if torch_init_fan_in is None:
+        return dense_init, nn.initializers.zeros
+    return conv_init, fan_in_uniform_bias(torch_init_fan_in)
+
+
 class DenseParams(nn.Module):
     """The `kernel` and `bias` of `dense(features, name)` (same init), for fused ops."""
 
@@ -180,9 +189,7 @@ class DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        torch_init = self.torch_init_fan_in is not None
-        kernel_init = conv_init if torch_init else dense_init
-        bias_init = fan_in_uniform_bias(self.torch_init_fan_in) if torch_init else nn.initializers.zeros
+        kernel_init, bias_init = dense_initializers(self.torch_init_fan_in)
         kernel = self.param("kernel", kernel_init, (in_features, self.features), self.param_dtype)
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         return kernel, bias
@@ -199,8 +206,9 @@ class GeluDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", dense_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        kernel_init, bias_init = dense_initializers(None)
+        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         return _gelu_dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
@@ -236,15 +244,13 @@ def dense(
     use_bias: bool = True,
     torch_init_fan_in: Optional[int] = None,
 ) -> nn.Dense:
-    """`nn.Linear` on the last axis. Init: timm's trunc_normal(.02) and zero bias (BiFormer's
-    `_init_weights`), or, given `torch_init_fan_in` (the input width), PyTorch's own default
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias (DeBiFormer never re-initialises)."""
-    torch_init = torch_init_fan_in is not None
+    """`nn.Linear` on the last axis, initialised as `dense_initializers(torch_init_fan_in)`."""
+    kernel_init, bias_init = dense_initializers(torch_init_fan_in)
     return nn.Dense(
         features,
         use_bias=use_bias,
-        kernel_init=conv_init if torch_init else dense_init,
-        bias_init=fan_in_uniform_bias(torch_init_fan_in) if torch_init else nn.initializers.zeros,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
