@@ -189,10 +189,15 @@ class DenseParams(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel_init, bias_init = dense_initializers(self.torch_init_fan_in)
-        kernel = self.param("kernel", kernel_init, (in_features, self.features), self.param_dtype)
-        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
-        return kernel, bias
+        return _dense_params(self, in_features, self.features, self.param_dtype, self.torch_init_fan_in)
+
+
+def _dense_params(module: nn.Module, in_features: int, features: int, param_dtype: Dtype, torch_init_fan_in=None):
+    """Declares `kernel` (in, out) and `bias` (out,) on `module`, as nn.Dense names them."""
+    kernel_init, bias_init = dense_initializers(torch_init_fan_in)
+    kernel = module.param("kernel", kernel_init, (in_features, features), param_dtype)
+    bias = module.param("bias", bias_init, (features,), param_dtype)
+    return kernel, bias
 
 
 class GeluDense(nn.Module):
@@ -206,9 +211,7 @@ class GeluDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel_init, bias_init = dense_initializers(None)
-        kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+        kernel, bias = _dense_params(self, x.shape[-1], self.features, self.param_dtype)
         return _gelu_dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
