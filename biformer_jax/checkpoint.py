@@ -255,22 +255,21 @@ def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) ->
 ARRAY_ITEMS = ("variables", "ema_variables", "train")
 
 
-def _array_tree_handler(backend: str | None = None) -> ocp.PyTreeCheckpointHandler:
+def _array_tree_handler() -> ocp.PyTreeCheckpointHandler:
     """StandardSave's handler and format, with replica-parallel writes off except on TPU.
 
     Orbax splits the write of a replicated array across its replicas by default, compiling a
     small slicing program per array shape and device on the first save: on an 8-device CPU
-    mesh that blocked training ~19 s at the first checkpoint of a micro model, for nothing
-    (the replicas share host memory). Orbax itself turns it off on GPU (when JAX_PLATFORMS
-    says so); here it is off on CPU and GPU and left to Orbax on TPU. Without replica-parallel
-    every replicated array is written once, by the process holding replica 0.
+    mesh the first save() of a micro model's state blocked training ~10 s (later saves ~1 s),
+    for nothing (the replicas share host memory). Orbax itself turns it off on GPU (when
+    JAX_PLATFORMS says so); here it is off on CPU and GPU and left to Orbax on TPU. Without
+    replica-parallel every replicated array is written once, by the process holding replica 0.
 
     The array handler has no array-metadata store: that store only records typed PRNG keys,
     which train states do not hold (their `rng` is raw key data), and restoring reads the
     same files either way.
     """
-    backend = backend or jax.default_backend()
-    replica_parallel = None if backend == "tpu" else False  # None: Orbax's default
+    replica_parallel = None if jax.default_backend() == "tpu" else False  # None: Orbax's default
     registry = ocp.type_handlers.create_type_handler_registry(
         (int, ocp.type_handlers.ScalarHandler()),
         (float, ocp.type_handlers.ScalarHandler()),
