@@ -2,10 +2,10 @@
 
 Every run trains the quickstart's micro BiFormer on digits at 32x32, 6 steps of 16 images,
 checkpoints every 2 steps, logs every step. The subprocesses share one XLA compilation cache
-per test session, so only the first run of each program pays for compiling it; that includes
-the many small slicing programs Orbax compiles on a process's first checkpoint save (about 5 s
-a launch otherwise), hence no minimum compile time. (JAX writes that cache from process 0
-only: process 1 of a two-process run compiles its programs on every launch.)
+per test session, so only the first run of each program pays for compiling it; every program
+is cached, however quick to compile (no minimum compile time: small programs add up over
+the launches). (JAX writes that cache from process 0 only: process 1 of a two-process run
+compiles its programs on every launch.)
 """
 
 from __future__ import annotations
