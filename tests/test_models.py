@@ -203,8 +203,12 @@ def test_fused_norm_linear_and_gelu_linear_match_autodiff(shape):
         jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1))(params, x) for f in (True, False)
     )
     np.testing.assert_allclose(la, lb, rtol=1e-6)
-    np.testing.assert_allclose(gxa, gxb, rtol=1e-5, atol=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), gpa, gpb)
+
+    def close(a, b):  # float32 rounding of sums scales with the gradient's size (up to ~100 here)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(np.max(np.abs(b))))
+
+    close(gxa, gxb)
+    jax.tree_util.tree_map(close, gpa, gpb)
 
 
 def test_bfloat16_compute_stays_close():
