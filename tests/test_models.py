@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from biformer_jax import models
-from biformer_jax.models.layers import ConvMlp, layer_norm
+from biformer_jax.models.layers import ConvMlp, depthwise_conv, layer_norm
 from biformer_jax.models.routing import BiLevelRoutingAttention, adaptive_pool
 
 MICRO = dict(
@@ -156,6 +156,26 @@ def test_implementation_choices_agree():
         variables, x = init(model)
         outs[dw] = model.apply(variables, x)
     np.testing.assert_allclose(outs["conv"], outs["shift"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, k, padding",
+    [((2, 9, 13, 5), 3, 1), ((1, 7, 5, 4), 5, 2), ((3, 6, 17, 3), 7, 3), ((2, 8, 8, 6), 3, 0), ((2, 12, 9, 4), 5, 1)],
+)
+def test_shifted_depthwise_conv_grads_match_conv(shape, k, padding):
+    """The shifted-sum depthwise conv's hand-written VJP (input and kernel gradients) against
+    autodiff of XLA's grouped convolution: widths that are and are not whole kernel-gradient
+    blocks, kernels 3 to 7, 'same', 'valid' and in-between paddings."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 1, shape[-1])), jnp.float32)
+    outs = {}
+    for impl in ("conv", "shift"):
+        y, vjp = jax.vjp(lambda x, w, impl=impl: depthwise_conv(x, w, padding, impl), x, kernel)
+        ct = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape), jnp.float32)
+        outs[impl] = (y, *vjp(ct))
+    for name, a, b in zip(("value", "input grad", "kernel grad"), outs["shift"], outs["conv"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))), err_msg=name)
 
 
 def test_remat_stages_same_values_and_grads():
