@@ -149,16 +149,21 @@ def test_chunked_backward_holds_no_topk_fold_copy():
     assert temp_bytes("chunked") < min(gathered, gather / 3)
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16])
 @pytest.mark.parametrize("impl", ["masked", "chunked"])
-def test_low_precision_inputs(impl, dtype):
-    q, kv, r_idx, r_weight, _ = make_inputs(SHAPES["heads2"], soft=True, dtype=dtype)
-    got = routed_attention(q, kv, r_idx, r_weight, num_heads=2, scale=0.3, impl=impl)
-    assert got.dtype == dtype
-    want = routed_attention(
-        q.astype(jnp.float32), kv.astype(jnp.float32), r_idx, r_weight.astype(jnp.float32), num_heads=2, scale=0.3
-    )
-    assert rel_l2(got.astype(jnp.float32), want) < 2e-2
+def test_low_precision_inputs(impl, dtype, soft):
+    q, kv, r_idx, r_weight, ct = make_inputs(SHAPES["heads2"], soft=soft, dtype=dtype)
+
+    def fn(impl):
+        return lambda q, kv, w: routed_attention(q, kv, r_idx, w, num_heads=2, scale=0.3, impl=impl)
+
+    got = value_and_grads(fn(impl), q, kv, r_idx, r_weight, ct)
+    assert all(a.dtype == dtype for a in got)  # the value and every gradient stay in the inputs' dtype
+    q32, kv32 = q.astype(jnp.float32), kv.astype(jnp.float32)
+    w32 = None if r_weight is None else r_weight.astype(jnp.float32)
+    want = value_and_grads(fn("gather"), q32, kv32, r_idx, w32, ct)
+    assert_all_close([a.astype(jnp.float32) for a in got], want, 3e-2, f"{impl} in {jnp.dtype(dtype).name}")
 
 
 def test_auto_picks_masked_only_for_few_regions_with_large_topk():

