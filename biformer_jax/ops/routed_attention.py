@@ -190,13 +190,18 @@ def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
     return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
 
 
-def _masked_probs(qh, kh, routed):
-    """qh (N, m, P*Tq, c), kh (N, m, P*Tkv, c), routed (N, P, P') -> softmax probs, float32."""
+def _masked_probs(qh, kh, routed, w6=None):
+    """qh (N, m, P*Tq, c), kh (N, m, P*Tkv, c), routed (N, P, P') -> softmax probs, float32.
+
+    w6: soft routing weights (N, 1, P, 1, P', 1) scaling the logits of their region, or None.
+    """
     n, m, lq, _ = qh.shape
     lk = kh.shape[2]
     p = routed.shape[1]
     logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
     logits = logits.reshape(n, m, p, lq // p, p, lk // p)  # (N, m, P, Tq, P', Tkv)
+    if w6 is not None:
+        logits = logits * w6
     logits = jnp.where(routed[:, None, :, None, :, None], logits, -jnp.inf)
     return jax.nn.softmax(logits.reshape(n, m, lq, lk), axis=-1)  # (N, m, P*Tq, P*Tkv)
 
@@ -239,16 +244,12 @@ def _soft_masked_attention(qh, kh, vh, routed, r_idx, r_weight):
     n, m, lq, _ = qh.shape
     lk = kh.shape[2]
     p = routed.shape[1]
-    tq, tkv = lq // p, lk // p
-    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh, preferred_element_type=jnp.float32)  # (N, m, P*Tq, P*Tkv)
-    logits = logits.reshape(n, m, p, tq, p, tkv)  # (N, m, P, Tq, P', Tkv)
     w = (
         jnp.zeros((n, p, p), jnp.float32)
         .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
         .set(r_weight.astype(jnp.float32))
     )  # (N, P, P'), dense routing weights
     w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
-    logits = jnp.where(routed[:, None, :, None, :, None], logits * w6, -jnp.inf)
-    attn = jax.nn.softmax(logits.reshape(n, m, p, tq, p * tkv), axis=-1)  # (N, m, P, Tq, P'*Tkv)
-    attn = (attn.reshape(n, m, p, tq, p, tkv) * w6).reshape(n, m, lq, lk).astype(vh.dtype)  # (N, m, P*Tq, P*Tkv)
+    probs = _masked_probs(qh, kh, routed, w6).reshape(n, m, p, lq // p, p, lk // p)  # (N, m, P, Tq, P', Tkv)
+    attn = (probs * w6).reshape(n, m, lq, lk).astype(vh.dtype)  # (N, m, P*Tq, P*Tkv)
     return jnp.einsum("nmqk,nmkc->nmqc", attn, vh)  # (N, m, P*Tq, cv)
