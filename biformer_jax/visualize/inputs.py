@@ -3,7 +3,7 @@
 A checkpoint is a train.py workdir or step directory, or a converter output (`checkpoint.resolve`);
 its recorded model is rebuilt with `auto_pad=True`, which changes nothing at sizes the regions
 divide and lets any input size through. `sklearn:china.jpg` / `sklearn:flower.jpg` name the
-photographs that ship with scikit-learn, `sklearn:digit:K` its K-th handwritten digit (the
+photographs that ship with scikit-learn, `sklearn:digit:K` its K-th handwritten digit at 32x32 (the
 quickstart's data), so examples need no download.
 """
 
@@ -109,8 +109,9 @@ def _sklearn_image(name: str) -> Image.Image:
         k = int(m.group(1))
         if k >= len(digits):
             raise ValueError(f"sklearn:digit:{k}: there are {len(digits)} digits (0..{len(digits) - 1}).")
-        gray = np.clip(digits[k] * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        gray = np.round(digits[k] * (255.0 / 16.0)).astype(np.uint8)  # as data.sources.load_digits
+        # Upsampled to the quickstart's 32x32 as the data pipeline does (bicubic); --size may resize again.
+        return Image.fromarray(gray, "L").resize((32, 32), Image.BICUBIC).convert("RGB")
     try:
         return Image.fromarray(sklearn.datasets.load_sample_image(name))
     except (AttributeError, ValueError, OSError):
