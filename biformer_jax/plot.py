@@ -153,7 +153,7 @@ def save_figure(fig, out: str, dpi: int = 110) -> None:
     """Writes the figure as PNG through a temporary file (a failed write leaves no half file)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=dpi, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, out)
 

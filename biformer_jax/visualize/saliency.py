@@ -87,7 +87,7 @@ def cam_from(acts: jax.Array, grads: jax.Array, size: tuple[int, int]) -> np.nda
     return np.asarray(jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1.0), 0.0), np.float32)
 
 
-def erf(model, variables, images: jax.Array, stage: int, batch: int = 4) -> np.ndarray:
+def erf(model, variables, images: jax.Array, stage: int, batch: int = 8) -> np.ndarray:
     """The effective receptive field of a stage's centre output unit.
 
     images: (N, H, W, 3) normalised. Returns (H, W) float32: |d sum_c F[h//2, w//2, c] / d x|
@@ -95,15 +95,19 @@ def erf(model, variables, images: jax.Array, stage: int, batch: int = 4) -> np.n
     """
     name = block_name(variables, stage)
 
-    def centre(x1, v):
-        _, feat = tapped_apply(model, v, x1, name)  # (1, h, w, C)
-        return jnp.sum(feat[0, feat.shape[1] // 2, feat.shape[2] // 2].astype(jnp.float32))
+    def centres(xs, v):  # sum over the batch: images do not interact (eval mode), so the
+        _, feat = tapped_apply(model, v, xs, name)  # gradient wrt each image is its own; (B, h, w, C)
+        return jnp.sum(feat[:, feat.shape[1] // 2, feat.shape[2] // 2].astype(jnp.float32))
 
-    # One image per gradient (BatchNorm in eval mode: images do not interact), summed in batches.
-    grad_one = jax.jit(jax.vmap(lambda x, v: jnp.abs(jax.grad(centre)(x[None], v)[0]).sum(-1), in_axes=(0, None)))
+    grads = jax.jit(lambda xs, v: jnp.abs(jax.grad(centres)(xs, v)).sum(-1))  # (B, H, W)
     total = np.zeros(images.shape[1:3], np.float64)
-    for i in range(0, images.shape[0], batch):
-        total += np.asarray(grad_one(images[i : i + batch], variables), np.float64).sum(0)
+    n, b = images.shape[0], min(batch, images.shape[0])
+    for i in range(0, n, b):
+        chunk = images[i : i + b]
+        k = chunk.shape[0]
+        if k < b:  # one compiled shape: pad the last batch, drop the padding's gradients
+            chunk = jnp.concatenate([chunk, jnp.zeros((b - k, *chunk.shape[1:]), chunk.dtype)])
+        total += np.asarray(grads(chunk, variables), np.float64)[:k].sum(0)
     return (total / images.shape[0]).astype(np.float32)
 
 
