@@ -107,8 +107,9 @@ def routes_figure(image: np.ndarray, results: Sequence[Sequence[QueryRoutes]], p
 
 
 def overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, cmap: str = "jet") -> None:
-    ax.imshow(image, interpolation="bilinear")
-    ax.imshow(heat, cmap=cmap, alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0), vmin=0.0, vmax=1.0)
+    extent = (0, image.shape[1], image.shape[0], 0)  # both layers on the same pixel grid
+    ax.imshow(image, interpolation="bilinear", extent=extent)
+    ax.imshow(heat, cmap=cmap, alpha=0.5, extent=extent, vmin=0.0, vmax=1.0)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
