@@ -11,7 +11,7 @@ the sweep file format.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, sweeps, train_lib
+from biformer_jax.training import checkpoint, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config (configs/*.py[:arg]).", lock_config=True

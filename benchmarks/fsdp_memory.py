@@ -53,8 +53,9 @@ def main() -> None:
     import numpy as np
     from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
-    from biformer_jax import models, optim, sharding
-    from biformer_jax.train_state import init_train_state
+    from biformer_jax import models
+    from biformer_jax.training import optim, sharding
+    from biformer_jax.training.train_state import init_train_state
 
     config = _load_config(args.config)
     model = models.create_model(config.model, num_classes=args.num_classes, **dict(config.model_kwargs))

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--train_step",
         default="auto",
         choices=("auto", "trainer", "bench"),
-        help="the trainer's biformer_jax.steps.train_step when importable (auto), or benchmarks/train_step.py's",
+        help="the trainer's training.steps.train_step when importable (auto), or benchmarks/train_step.py's",
     )
     ap.add_argument("--attn_impl", "--attn-impl", default="auto", help=f"routed attention: one of {IMPLS}")
     ap.add_argument("--dwconv_impl", "--dwconv-impl", default="auto", choices=("auto", "conv", "shift"))

@@ -1,4 +1,4 @@
-"""The training and inference steps the benchmarks time (stand-in for `biformer_jax.steps`).
+"""The training and inference steps the benchmarks time (stand-in for `biformer_jax.training.steps`).
 
 The semantics are those of the project's train.py (and of the official main.py/engine.py):
 soft-target cross entropy on label-smoothed targets (what mixup/cutmix produce), AdamW with
@@ -7,7 +7,7 @@ timm's `create_optimizer` filters them), BatchNorm statistics updated in train m
 EMA of parameters and statistics (timm `ModelEma`, decay 0.99996).
 
 Swap point: `build_train` is the only function the benchmarks call. With `which='auto'`
-it runs the trainer's own `biformer_jax.steps.train_step` (with `biformer_jax.train_state`)
+it runs the trainer's own `biformer_jax.training.steps.train_step` (with `biformer_jax.training.train_state`)
 when that module is importable (after the trainer branch is merged), else the equivalent
 step defined here; `which='trainer'` / `which='bench'` force one. Both use the same AdamW
 (weight decay mask: >1-D leaves), label-smoothed soft-target cross entropy and EMA.
@@ -113,15 +113,15 @@ def build_train(model: nn.Module, images: jax.Array, labels: jax.Array, which: s
     """A compiled-ready training step and its state.
 
     Returns (name, state, step, args): `step(state, *args)` -> (state, aux), jitted with the
-    state donated; name is 'trainer' (biformer_jax.steps.train_step) or 'bench' (this file's).
+    state donated; name is 'trainer' (biformer_jax.training.steps.train_step) or 'bench' (this file's).
     """
     if which not in ("auto", "trainer", "bench"):
         raise ValueError(f"which={which!r} is not one of 'auto', 'trainer', 'bench'.")
     trainer = None
     if which in ("auto", "trainer"):
         try:
-            from biformer_jax import steps as trainer  # the trainer's module, once merged
-            from biformer_jax.train_state import init_train_state
+            from biformer_jax.training import steps as trainer  # the trainer's module, once merged
+            from biformer_jax.training.train_state import init_train_state
         except ImportError:
             if which == "trainer":
                 raise ImportError(

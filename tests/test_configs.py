@@ -9,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from biformer_jax import eval_lib, models
+from biformer_jax import models
 from biformer_jax.data import config as data_config
+from biformer_jax.training import eval_lib
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 CONFIGS = ["quickstart", "biformer_t", "biformer_s", "biformer_b", "debiformer_t", "debiformer_s", "debiformer_b"]

@@ -1,9 +1,9 @@
 """Sources: ImageFolder trees, TFDS imagenet2012 built from a miniature manual_dir, bad input."""
 
-import imagenet_fixture
 import numpy as np
 import pytest
 from PIL import Image
+from support import imagenet_fixture
 
 from biformer_jax import data
 from biformer_jax.data import sources

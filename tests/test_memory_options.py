@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import train_testlib
+from support import train_testlib
 
-from biformer_jax import eval_lib, steps, train_lib
-from biformer_jax.train_state import init_train_state
+from biformer_jax.training import eval_lib, steps, train_lib
+from biformer_jax.training.train_state import init_train_state
 
 
 @pytest.fixture(autouse=True, scope="module")

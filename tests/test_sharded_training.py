@@ -10,10 +10,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import train_testlib
 from jax.sharding import PartitionSpec
+from support import train_testlib
 
-from biformer_jax import checkpoint, data, sharding, train_lib
+from biformer_jax import data
+from biformer_jax.training import checkpoint, sharding, train_lib
 
 NUM_STEPS = 3
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring

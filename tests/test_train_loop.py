@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 
-import imagenet_fixture
 import jax
 import numpy as np
 import pytest
-import train_testlib
+from support import imagenet_fixture, train_testlib
 
-from biformer_jax import checkpoint, data, eval_lib, models, sweeps, train_lib
-from biformer_jax import metrics as metrics_lib
+from biformer_jax import data, models
 from biformer_jax.convert import files as convert_files
+from biformer_jax.training import checkpoint, eval_lib, sweeps, train_lib
+from biformer_jax.training import metrics as metrics_lib
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,7 +71,7 @@ def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path)
     config_file = tmp_path / "micro.py"  # the tests' micro config, so the eval compile is a cache hit
     config_file.write_text(
         f"import sys\nsys.path.insert(0, {str(train_testlib.ROOT / 'tests')!r})\n"
-        "import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
+        "from support import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
     )
     env = {
         **os.environ,

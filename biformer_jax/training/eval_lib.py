@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from biformer_jax import checkpoint, data, models, sharding, steps
+from biformer_jax import data, models
+from biformer_jax.training import checkpoint, sharding, steps
 
 EVAL_RESULTS_FILE = "eval_results.json"
 

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from biformer_jax.train_state import TrainState
+from biformer_jax.training.train_state import TrainState
 
 VARIABLES_FORMAT = "biformer_jax.variables/1"
 TRAIN_FORMAT = "biformer_jax.train/1"

@@ -15,7 +15,7 @@ import numpy as np
 
 from configs import biformer_s, quickstart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _CACHE_DIR: str | None = None
 
@@ -31,7 +31,7 @@ def enable_compilation_cache() -> str:
 
 def random_variables(model, seed: int = 0) -> dict:
     """Weights of the model's shapes filled with numpy noise: a "pretrained" checkpoint without a compile."""
-    from biformer_jax import eval_lib
+    from biformer_jax.training import eval_lib
 
     rng = np.random.default_rng(seed)
     abstract = eval_lib.abstract_variables(model, 32)

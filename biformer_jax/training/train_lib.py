@@ -27,9 +27,10 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from biformer_jax import checkpoint, data, eval_lib, optim, preemption, sharding, steps
-from biformer_jax import metrics as metrics_lib
-from biformer_jax.train_state import TrainState, init_train_state
+from biformer_jax import data
+from biformer_jax.training import checkpoint, eval_lib, optim, preemption, sharding, steps
+from biformer_jax.training import metrics as metrics_lib
+from biformer_jax.training.train_state import TrainState, init_train_state
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -1,4 +1,4 @@
-"""Running train.py (through tests/train_harness.py) as subprocesses: flags, env, waiting, cleanup.
+"""Running train.py (through tests/support/train_harness.py) as subprocesses: flags, env, waiting, cleanup.
 
 Every run trains the quickstart's micro BiFormer on digits at 32x32, 6 steps of 16 images,
 checkpoints every 2 steps, logs every step. The subprocesses share one XLA compilation cache
@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from biformer_jax import metrics as metrics_lib
+from biformer_jax.training import metrics as metrics_lib
 
-ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "tests" / "train_harness.py"
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "tests" / "support" / "train_harness.py"
 NUM_STEPS = 6
 RUN_TIMEOUT_S = 1500  # generous: compiles on a loaded 2-core machine take minutes
 
