@@ -12,7 +12,8 @@ import optax
 import pytest
 from support import train_testlib
 
-from biformer_jax.training import eval_lib, steps, train_lib
+from biformer_jax.models import from_config
+from biformer_jax.training import steps, train_lib
 from biformer_jax.training.train_state import init_train_state
 
 
@@ -67,7 +68,7 @@ def test_grad_accumulation_equals_one_full_batch_step():
 
 def _micro(**overrides):
     config = train_testlib.micro_config(**overrides)
-    return eval_lib.model_from_config(config, 10), config
+    return from_config.model_from_config(config, 10), config
 
 
 def _small_variables(model) -> dict:

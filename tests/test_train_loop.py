@@ -196,7 +196,7 @@ def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path):
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, tmp_path / "ft")
     message = str(err.value)
-    assert "with a different shape" in message
+    assert "wrong shape" in message
     assert "params/downsample_layers_0/0/kernel: checkpoint (3, 3, 3, 4), model (3, 3, 3, 8)" in message
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match the model"):
         eval_lib.evaluate_checkpoint(train_testlib.micro_config(), str(tmp_path / "other"))

@@ -28,6 +28,7 @@ from absl import logging
 from clu import parameter_overview, periodic_actions
 
 from biformer_jax import data
+from biformer_jax.models import from_config
 from biformer_jax.training import checkpoint, eval_lib, optim, preemption, sharding, steps
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
@@ -55,53 +56,6 @@ def _every(value: int, default: int) -> int:
     return value if value > 0 else default
 
 
-def _init_from(config, state: TrainState, shardings: TrainState) -> TrainState:
-    """Replaces a fresh state's weights (and EMA) by those of config.init_from's checkpoint."""
-    ref = checkpoint.resolve(config.init_from)
-    saved = checkpoint.saved_shapes(ref)
-    head_ok = True
-    missing, unexpected, mismatched = checkpoint.mismatches(saved, state.variables, ignore=("head",))
-    if missing or unexpected or mismatched:
-        raise checkpoint.CheckpointMismatchError(
-            f"{ref.path} (config.init_from)", "the configured model", missing, unexpected, mismatched
-        )
-    model_head = state.params.get("head")
-    saved_head = saved["params"].get("head")
-    if model_head is not None:
-        head_ok = saved_head is not None and all(
-            tuple(saved_head[k].shape) == tuple(model_head[k].shape) for k in model_head if k in saved_head
-        )
-    loaded = checkpoint.load_variables(ref)  # host numpy
-    if not head_ok:
-        old = saved_head["kernel"].shape[-1] if saved_head and "kernel" in saved_head else "no"
-        logging.warning(
-            "init_from %s: the checkpoint's classifier has %s classes, the model %d: the head is re-initialised.",
-            ref.path,
-            old,
-            model_head["kernel"].shape[-1],
-        )
-        loaded["params"]["head"] = jax.device_get(state.params["head"])
-    elif model_head is None:
-        loaded["params"].pop("head", None)
-
-    def place(value, like, leaf_sharding):
-        value = np.asarray(value, dtype=like.dtype)
-        return jax.make_array_from_callback(value.shape, leaf_sharding, lambda index: value[index])
-
-    variables = jax.tree.map(
-        place,
-        {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
-        state.variables,
-        shardings.variables,
-    )
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    if state.has_ema:
-        ema = jax.tree.map(lambda x: x.copy(), variables)
-        state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
-    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
-    return state
-
-
 def _init_compiler_options() -> dict[str, Any]:
     # XLA:CPU spends an init's compile time LLVM-optimising one fusion per random initializer
     # (~30 s for the micro model, 3x less unoptimised); the init runs once, so skip that work.
@@ -126,7 +80,7 @@ def initial_state(config, manager, init_fn, abstract: TrainState, shardings: Tra
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
     if config.init_from:
-        return _init_from(config, state, shardings)
+        return checkpoint.init_variables_from(config.init_from, state, shardings)
     logging.info("Starting from scratch (seed %d).", config.seed)
     return state
 
@@ -173,7 +127,7 @@ def setup(config, devices: list | None = None) -> Setup:
     """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state."""
     mesh = sharding.create_mesh(config.mesh, devices)
     info = data.dataset_info(config.data)
-    model = eval_lib.model_from_config(config, info.num_classes)
+    model = from_config.model_from_config(config, info.num_classes)
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
     steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
@@ -191,7 +145,7 @@ def setup(config, devices: list | None = None) -> Setup:
         mesh=mesh,
         info=info,
         model=model,
-        meta=eval_lib.model_meta(config, info.num_classes),
+        meta=from_config.model_meta(config, info.num_classes),
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,

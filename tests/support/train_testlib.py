@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from biformer_jax.models import from_config
 from configs import biformer_s, quickstart
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,10 +32,8 @@ def enable_compilation_cache() -> str:
 
 def random_variables(model, seed: int = 0) -> dict:
     """Weights of the model's shapes filled with numpy noise: a "pretrained" checkpoint without a compile."""
-    from biformer_jax.training import eval_lib
-
     rng = np.random.default_rng(seed)
-    abstract = eval_lib.abstract_variables(model, 32)
+    abstract = from_config.abstract_variables(model, 32)
 
     def fill(path, s):
         name = jax.tree_util.keystr(path)
