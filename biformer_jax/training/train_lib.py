@@ -131,15 +131,8 @@ def setup(config, devices: list | None = None) -> Setup:
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
     steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
-    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
-    schedule = optim.lr_schedule(
-        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
-    )
-    tx = optim.create_optimizer(config.optim, schedule)
-    input_shape = (1, info.image_size, info.image_size, 3)
-    init_fn = functools.partial(
-        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
-    )
+    tx, schedule, base_lr = make_optimizer(config, steps_per_epoch)
+    init_fn = make_init_fn(config, model, tx, info.image_size)
     abstract = jax.eval_shape(init_fn, np.int32(config.seed))
     return Setup(
         mesh=mesh,
@@ -157,23 +150,48 @@ def setup(config, devices: list | None = None) -> Setup:
     )
 
 
+def make_optimizer(config, steps_per_epoch: int):
+    """(tx, schedule, base_lr): config.optim's optimiser and learning-rate schedule at the global batch size."""
+    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
+    schedule = optim.lr_schedule(
+        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+    )
+    return optim.create_optimizer(config.optim, schedule), schedule, base_lr
+
+
+def make_init_fn(config, model, tx, image_size: int):
+    """seed -> the fresh TrainState of `model` and `tx` (with EMA when config.ema_decay > 0)."""
+    input_shape = (1, image_size, image_size, 3)
+    return functools.partial(
+        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
+    )
+
+
+def bind_train_step(config, model, tx, schedule, num_classes: int):
+    """`steps.train_step` with the config's mixup/cutmix, EMA and accumulation: (state, batch) -> (state, metrics).
+
+    Not jitted: `make_train_step` jits it over a run's mesh; the benchmarks jit it as it is.
+    """
+    mix_fn = functools.partial(data.mixup_cutmix, num_classes=num_classes, cfg=config.mixup)
+    return functools.partial(
+        steps.train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        mix_fn=mix_fn,
+        ema_decay=config.ema_decay,
+        grad_accum_steps=int(config.grad_accum_steps),
+    )
+
+
 def make_train_step(config, run: Setup):
-    """`steps.train_step` bound to the run and jitted over its mesh: (state, batch) -> (state, metrics).
+    """`bind_train_step` for the run, jitted over its mesh: (state, batch) -> (state, metrics).
 
     The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
     happens in place; the batch is split over every device; the metrics come back replicated.
     """
-    mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
     return jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=run.model,
-            tx=run.tx,
-            schedule=run.schedule,
-            mix_fn=mix_fn,
-            ema_decay=config.ema_decay,
-            grad_accum_steps=int(config.grad_accum_steps),
-        ),
+        bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes),
         in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
