@@ -40,13 +40,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from the config and the dataset size."""
-    batch = config.global_batch_size
-    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // batch
-    if steps_per_epoch <= 0:
-        raise ValueError(
-            f"global_batch_size={batch} is larger than the {num_train_examples} training examples; "
-            "lower it or set config.steps_per_epoch."
-        )
+    # The sampler's epoch too (train_iterator gets config.steps_per_epoch): one definition.
+    steps_per_epoch = data.steps_per_epoch(num_train_examples, config.global_batch_size, config.steps_per_epoch)
     if config.num_train_steps > 0:
         return steps_per_epoch, int(config.num_train_steps)
     return steps_per_epoch, int((config.num_epochs + config.optim.cooldown_epochs) * steps_per_epoch)
@@ -249,6 +244,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         global_batch_size=batch,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        epoch_steps=config.steps_per_epoch,
     )
     log_every = _every(config.log_every_steps, run.steps_per_epoch)
     eval_every = _every(config.eval_every_steps, run.steps_per_epoch)
