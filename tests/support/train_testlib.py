@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from biformer_jax.models import from_config
-from configs import biformer_s, quickstart
+from configs import biformer_s, common, quickstart
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,54 +46,57 @@ def random_variables(model, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def _override(config, overrides):
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    config.lock()
-    return config
+# The tests' micro runs on the digits: configs/common.py's small run (RUNLOCAL) with these
+# fields changed, for the in-process trainer tests and the train.py subprocesses alike.
+MICRO = {
+    "global_batch_size": 16,  # 2 per simulated CPU device
+    "optim.warmup_epochs": 0.0,
+    "eval_batch_size": 40,
+    "eval_steps": 1,
+    "checkpoint.every_steps": 2,
+}
 
 
 def imagenet_micro_config(data_dir, **overrides):
     """BiFormer-S's ImageNet recipe (RandAugment, erasing, repeats, mixup/cutmix, EMA), micro model, 32 px."""
-    config = biformer_s.get_config("runlocal")
-    config.unlock()
-    config.model = "biformer_micro"
-    config.model_kwargs.depth = (1, 1, 1, 1)
-    config.data.data_dir = str(data_dir)
-    config.data.image_size, config.data.eval_resize = 32, 36
-    config.data.threads = config.data.prefetch = 2
-    config.data.repeated_aug = 3
-    config.global_batch_size = 24  # 3 per simulated CPU device; 8 images x 3 repeats
-    config.num_train_steps = 6
-    config.steps_per_epoch = 2
-    config.optim.warmup_epochs = 1.0
-    config.eval_every_steps = 4
-    config.checkpoint.every_steps = 2
-    config.eval_batch_size = 8
-    config.eval_steps = -1
-    config.ema_decay = 0.9
-    return _override(config, overrides)
+    config = biformer_s.get_config()
+    config.model_kwargs.depth = (1, 1, 1, 1)  # a new create_model argument: not an override of a field
+    return common.apply_runlocal(
+        config,
+        **{
+            "model": "biformer_micro",
+            "data.data_dir": str(data_dir),
+            "data.image_size": 32,
+            "data.eval_resize": 36,
+            "data.threads": 2,
+            "data.prefetch": 2,
+            "data.repeated_aug": 3,
+            "global_batch_size": 24,  # 3 per simulated CPU device; 8 images x 3 repeats
+            "num_train_steps": 6,
+            "steps_per_epoch": 2,
+            "optim.warmup_epochs": 1.0,
+            "eval_every_steps": 4,
+            "checkpoint.every_steps": 2,
+            "eval_steps": -1,
+            "ema_decay": 0.9,
+            **overrides,
+        },
+    ).lock()
 
 
 def micro_config(**overrides):
-    """The quickstart, shrunk: a 1-block-per-stage micro BiFormer, 4 steps of 16 digits."""
+    """The quickstart, shrunk: a 1-block-per-stage micro BiFormer, 4 steps of 16 digits, EMA on."""
     config = quickstart.get_config()
-    config.unlock()
-    config.model_kwargs.depth = (1, 1, 1, 1)
-    config.global_batch_size = 16  # 2 per simulated CPU device
-    config.num_train_steps = 4
-    config.steps_per_epoch = 2
-    config.optim.warmup_epochs = 0.0
-    config.log_every_steps = 1
-    config.eval_every_steps = 2
-    config.eval_batch_size = 40
-    config.eval_steps = 1
-    config.checkpoint.every_steps = 2
-    config.checkpoint.keep = 2
-    config.checkpoint.asynchronous = True
-    config.ema_decay = 0.9  # exercise the EMA path
-    return _override(config, overrides)
+    config.model_kwargs.depth = (1, 1, 1, 1)  # a new create_model argument: not an override of a field
+    return common.apply_runlocal(
+        config,
+        **{
+            **MICRO,
+            "num_train_steps": 4,
+            "steps_per_epoch": 2,
+            "eval_every_steps": 2,
+            "checkpoint.keep": 2,
+            "ema_decay": 0.9,  # exercise the EMA path
+            **overrides,
+        },
+    ).lock()
