@@ -16,10 +16,7 @@ from biformer_jax.models import from_config
 from biformer_jax.training import steps, train_lib
 from biformer_jax.training.train_state import init_train_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache():
-    train_testlib.enable_compilation_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 class _NoBatchNorm(nn.Module):

@@ -29,9 +29,7 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache():
-    train_testlib.enable_compilation_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _config(data_axis: int, fsdp_axis: int, **overrides):
