@@ -4,7 +4,7 @@
         --workdir=workdirs/sweep_lr
 
 Each run trains in WORKDIR/<overrides> (resumed if it exists); WORKDIR/summary.md and
-WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/sweeps.py for
+WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/training/sweeps.py for
 the sweep file format.
 """
 
