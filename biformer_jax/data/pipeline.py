@@ -36,12 +36,12 @@ _EPOCH_SALT = 0x0E90C
 _AUGMENT_SALT = 0xA06
 
 
-def steps_per_epoch(num_train_examples: int, global_batch_size: int, requested: int = -1) -> int:
+def steps_per_epoch(num_train_examples: int, global_batch_size: int, requested: int = -1, repeats: int = 1) -> int:
     """Steps per epoch: `requested` when > 0, else the whole global batches in the train split.
 
     The one definition of an epoch, for the sampler and the learning-rate schedule alike (the
-    remainder of every epoch is dropped). `requested` (config.steps_per_epoch) may shorten an
-    epoch, not lengthen it: its batches must come from one pass over the split.
+    remainder of every epoch is dropped). `requested` (config.steps_per_epoch) must fit in one
+    epoch's stream, in which each record stands `repeats` (data.repeated_aug) times.
     """
     whole = num_train_examples // global_batch_size
     if whole < 1:
@@ -49,12 +49,15 @@ def steps_per_epoch(num_train_examples: int, global_batch_size: int, requested: 
             f"global_batch_size {global_batch_size} is larger than the train split ({num_train_examples} examples); "
             "lower it."
         )
-    if requested > whole:
+    if requested <= 0:
+        return whole
+    most = num_train_examples * repeats // global_batch_size
+    if requested > most:
         raise ValueError(
-            f"config.steps_per_epoch={requested} is more than the {whole} whole batches of {global_batch_size} "
-            f"in the train split ({num_train_examples} examples); lower it, or set -1 for {whole}."
+            f"config.steps_per_epoch={requested} is more than the {most} batches of {global_batch_size} that one "
+            f"epoch holds ({num_train_examples} examples x {repeats} repeats); lower it, or set -1 for {whole}."
         )
-    return requested if requested > 0 else whole
+    return requested
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -82,7 +85,7 @@ class TrainSampler:
 
     def __init__(self, num_examples: int, global_batch_size: int, repeats: int, seed: int, epoch_steps: int = -1):
         self.num_examples, self.batch, self.repeats, self.seed = num_examples, global_batch_size, repeats, seed
-        self.steps_per_epoch = steps_per_epoch(num_examples, global_batch_size, epoch_steps)
+        self.steps_per_epoch = steps_per_epoch(num_examples, global_batch_size, epoch_steps, repeats)
         self.layout = repeat_layout(global_batch_size, repeats)
         self._perms: dict[int, np.ndarray] = {}
 

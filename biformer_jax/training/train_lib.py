@@ -41,7 +41,9 @@ class NonFiniteLossError(FloatingPointError):
 def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from the config and the dataset size."""
     # The sampler's epoch too (train_iterator gets config.steps_per_epoch): one definition.
-    steps_per_epoch = data.steps_per_epoch(num_train_examples, config.global_batch_size, config.steps_per_epoch)
+    steps_per_epoch = data.steps_per_epoch(
+        num_train_examples, config.global_batch_size, config.steps_per_epoch, config.data.repeated_aug
+    )
     if config.num_train_steps > 0:
         return steps_per_epoch, int(config.num_train_steps)
     return steps_per_epoch, int((config.num_epochs + config.optim.cooldown_epochs) * steps_per_epoch)
