@@ -41,7 +41,7 @@ from flax import linen as nn
 
 from biformer_jax.models.attention import AttentionLePE
 from biformer_jax.models.layers import DepthwiseConv2d, Dtype, dense
-from biformer_jax.models.routing import BiLevelRoutingAttention, from_regions, to_regions
+from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings, from_regions, to_regions
 from biformer_jax.ops.routed_attention import routed_attention
 
 PAPER_EXPONENTS = {"global": 2.0, "window": 1.0, "bra_scaled": 4 / 3, "bra_nwin7": 2.0}
@@ -103,6 +103,14 @@ class Projections(nn.Module):
         return dense(c, "wo", jnp.float32, jnp.float32)(out)
 
 
+def bra(dim: int, heads: int, n_win: int, topk: int) -> BiLevelRoutingAttention:
+    """BiFormer's BRA (LePE 5x5, identity kv) computed by the routed `gather` implementation."""
+    settings = RoutingSettings(
+        num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5, attn_impl="gather", dwconv_impl="conv"
+    )
+    return BiLevelRoutingAttention(dim=dim, routing=settings)
+
+
 def build(series: str, side: int, *, dim: int, topk: int, window: int) -> tuple[nn.Module, int]:
     """(token mixer, n_win) of one series on a side x side token map."""
     heads = max(1, dim // 32)
@@ -112,10 +120,7 @@ def build(series: str, side: int, *, dim: int, topk: int, window: int) -> tuple[
         return WindowAttention(dim=dim, num_heads=heads, n_win=side // window), side // window
     if series in ("bra_scaled", "bra_nwin7"):
         n_win = round(side ** (2 / 3)) if series == "bra_scaled" else 7
-        mixer = BiLevelRoutingAttention(
-            dim=dim, num_heads=heads, n_win=n_win, topk=min(topk, n_win * n_win), side_dwconv=5,
-            attn_impl="gather", dwconv_impl="conv",
-        )  # fmt: skip
+        mixer = bra(dim, heads, n_win, min(topk, n_win * n_win))
         return mixer, n_win
     raise ValueError(f"unknown series {series!r}; use one of {sorted(PAPER_EXPONENTS)}.")
 
@@ -189,10 +194,7 @@ def nwin_sweep(side: int, n_wins: Sequence[int], *, dim: int, topk: int) -> list
     for n_win in n_wins:
         if side % n_win:
             raise ValueError(f"n_win={n_win} does not divide the {side}x{side} map; choose divisors of {side}.")
-        mixer = BiLevelRoutingAttention(
-            dim=dim, num_heads=max(1, dim // 32), n_win=n_win, topk=min(topk, n_win * n_win), side_dwconv=5,
-            attn_impl="gather", dwconv_impl="conv",
-        )  # fmt: skip
+        mixer = bra(dim, max(1, dim // 32), n_win, min(topk, n_win * n_win))
         row = {"side": side, "n_win": n_win, **measure(mixer, side, dim)}
         rows.append(row)
         print(f"  n_win {n_win:>3} on {side}x{side}: {row['flops'] / 1e9:8.3f} GFLOP", flush=True)

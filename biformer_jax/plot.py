@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 
-from biformer_jax import metrics as metrics_lib  # noqa: E402
+from biformer_jax.training import metrics as metrics_lib  # noqa: E402
 
 # (metric key, panel title); keys are matched case-insensitively, and for mIoU also any
 # `eval*/miou*` spelling a segmentation trainer may write.

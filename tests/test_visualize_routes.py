@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biformer_jax import checkpoint, models
+from biformer_jax import models
+from biformer_jax.convert.files import save_converted
 from biformer_jax.ops.routed_attention import split_heads
+from biformer_jax.training import checkpoint
 from biformer_jax.visualize import __main__ as cli
 from biformer_jax.visualize import drawing, inputs, routes
 
@@ -132,10 +134,10 @@ def test_debiformer_routes_points_and_attention():
     np.testing.assert_allclose(offsets, pts[0][:, ::-1])
 
 
-def _checkpoint(tmp_path, name="biformer_micro"):
+def _checkpoint(tmp_path, name="biformer_micro"):  # as `python -m biformer_jax.convert` writes it
     loaded = inputs.random_model(name)
     path = tmp_path / name
-    checkpoint.save_variables(path, loaded.variables, {"model": name, "model_kwargs": {}})
+    save_converted(path, loaded.variables, {"format": checkpoint.VARIABLES_FORMAT, "model": name, "model_kwargs": {}})
     return str(path)
 
 
@@ -169,6 +171,7 @@ def test_bad_input_gets_a_clear_message(tmp_path, capsys):
 def test_a_checkpoint_whose_arrays_are_another_models_is_refused(tmp_path):
     loaded = inputs.random_model("biformer_micro")
     path = tmp_path / "mislabelled"
-    checkpoint.save_variables(path, loaded.variables, {"model": "debiformer_micro", "model_kwargs": {}})
+    meta = {"format": checkpoint.VARIABLES_FORMAT, "model": "debiformer_micro", "model_kwargs": {}}
+    save_converted(path, loaded.variables, meta)  # the converter's output, mislabelled
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
         inputs.load_checkpoint(str(path))

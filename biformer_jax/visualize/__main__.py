@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from biformer_jax import checkpoint
 from biformer_jax.plot import save_figure
+from biformer_jax.training import checkpoint
 from biformer_jax.visualize import drawing, inputs, routes, saliency
 
 

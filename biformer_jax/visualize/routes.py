@@ -131,9 +131,10 @@ def _scatter(probs: jax.Array, routes: np.ndarray, n_win: int, padded_hw: tuple[
 
 
 def _check_kv_identity(mod: nn.Module, where: str) -> None:
-    if mod.kv_downsample_mode != "identity":
+    mode = mod.routing.kv_downsample_mode
+    if mode != "identity":
         raise ValueError(
-            f"{where} pools its keys (kv_downsample_mode={mod.kv_downsample_mode!r}), so its attention is "
+            f"{where} pools its keys (kv_downsample_mode={mode!r}), so its attention is "
             "over pooled cells, not tokens; the routes overlay draws token attention for "
             "kv_downsample_mode='identity' (every official BiFormer/DeBiFormer variant)."
         )
@@ -178,17 +179,18 @@ def _bra(mod, inter, where, stride, query) -> QueryRoutes:
     q, kv = _out(inter, "qkv")  # (1, H, W, Cqk), (1, H, W, Cqk + C): padded
     r_weight, r_idx = _out(inter, "router")  # (1, P, k) each
     map_hw = tuple(_out(inter).shape[1:3])
-    padded_hw, p = tuple(q.shape[1:3]), mod.n_win
+    r = mod.routing
+    padded_hw, p = tuple(q.shape[1:3]), r.n_win
     token, region = _locate(query, stride, map_hw, padded_hw, p)
     h, w = padded_hw[0] // p, padded_hw[1] // p
     q_reg = to_regions(q, p)[0, region]  # (h, w, Cqk)
     kv_reg = to_regions(kv, p)[0].reshape(p * p, h * w, -1)  # (P, h*w, Cqk + C)
     t = (token[0] % h) * w + token[1] % w
     routes, weights = np.asarray(r_idx[0, region]), np.asarray(r_weight[0, region])
-    qk = mod.qk_dim or mod.dim
+    qk = r.qk_dim or mod.dim
     probs = query_probs(
-        q_reg.reshape(h * w, -1)[t : t + 1], kv_reg, routes, weights, mod.num_heads, mod.qk_scale or qk**-0.5,
-        mod.soft_routing,
+        q_reg.reshape(h * w, -1)[t : t + 1], kv_reg, routes, weights, r.num_heads, r.qk_scale or qk**-0.5,
+        r.soft_routing,
     )[0]  # fmt: skip  # (m, k, T)
     heads = _scatter(probs, routes, p, padded_hw)
     return QueryRoutes(where, "bra", stride, p, map_hw, padded_hw, query, token, region, routes, weights, heads)
@@ -196,7 +198,8 @@ def _bra(mod, inter, where, stride, query) -> QueryRoutes:
 
 def _deformable(mod, inter, where, stride, query) -> QueryRoutes:
     s = mod.resolved_settings()
-    g, p = s.n_groups, mod.n_win
+    r = mod.routing
+    g, p = s.n_groups, r.n_win
     q, kv = _out(inter, "qkv_conv")  # (1, H, W, C), (1, H, W, 2C): the padded map
     r_weight, r_idx = _out(inter, "router")  # (1, P, k) each
     agents_q = _out(inter, "proj_q")  # (1, Hg, Wg, C): queries of the agents, padded agent grid
@@ -210,8 +213,8 @@ def _deformable(mod, inter, where, stride, query) -> QueryRoutes:
     kv_reg = kv_reg.reshape(p * p, -1, kv_reg.shape[-1])  # (P, h*w, 2C)
     routes, weights = np.asarray(r_idx[0, region]), np.asarray(r_weight[0, region])
     q_agents = to_regions(agents_q, p)[0, region].reshape(ah * aw, -1)  # (a, C)
-    scale = mod.qk_scale or mod.dim**-0.5
-    probs = query_probs(q_agents, kv_reg, routes, weights, mod.num_heads, scale, mod.soft_routing)  # (a, m, k, T)
+    scale = r.qk_scale or mod.dim**-0.5
+    probs = query_probs(q_agents, kv_reg, routes, weights, r.num_heads, scale, r.soft_routing)  # (a, m, k, T)
     heads = _scatter(probs.mean(axis=0), routes, p, padded_hw)
     # The agents' points: the release's offsets + reference points, clamped, on the (padded) map.
     hk, wk = off.shape[1:3]
