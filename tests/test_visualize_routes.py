@@ -10,7 +10,7 @@ from PIL import Image
 
 from biformer_jax import models
 from biformer_jax.convert.files import save_converted
-from biformer_jax.ops.routed_attention import split_heads
+from biformer_jax.ops.heads import split_heads
 from biformer_jax.training import checkpoint
 from biformer_jax.visualize import __main__ as cli
 from biformer_jax.visualize import drawing, inputs, routes

@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention, reference_points
 from biformer_jax.models.routing import BiLevelRoutingAttention, to_regions
-from biformer_jax.ops.routed_attention import split_heads
+from biformer_jax.ops.heads import split_heads
 from biformer_jax.visualize.inputs import block_name
 
 ROUTED = (BiLevelRoutingAttention, DeBiLevelRoutingAttention)
