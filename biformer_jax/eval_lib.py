@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from biformer_jax import checkpoint, data, models, sharding, steps
+from biformer_jax import checkpoint, data, inference, models, sharding, steps
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -40,10 +40,14 @@ def model_from_config(config, num_classes: int):
 
 
 def model_meta(config, num_classes: int) -> dict[str, Any]:
-    """What a checkpoint records about its model (enough to rebuild it with create_model)."""
+    """What a checkpoint records about its model (enough to rebuild it with create_model) and input.
+
+    "data" (the eval preprocessing and class names, `inference.data_record`) lets predict.py and
+    the exporter read any image without the config.
+    """
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config.model_kwargs).items()}
     kwargs.setdefault("num_classes", num_classes)
-    return {"model": config.model, "model_kwargs": kwargs}
+    return {"model": config.model, "model_kwargs": kwargs, "data": inference.data_record(config.data)}
 
 
 def abstract_variables(model, image_size: int) -> dict[str, Any]:

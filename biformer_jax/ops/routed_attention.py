@@ -27,6 +27,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 IMPLS = ("gather", "masked", "chunked", "pallas", "pallas_interpret", "auto")
 
@@ -57,7 +58,8 @@ def gather_heads(xh: jax.Array, r_idx: jax.Array) -> jax.Array:
     the heads-major layout the attention matmuls consume, so no K-fold tensor is transposed.
     """
     n, _, m = xh.shape[:3]
-    ni = jnp.arange(n)[:, None, None, None]  # (N, 1, 1, 1)
+    # iota, not jnp.arange: with a symbolic batch size jax2onnx's arange rule fails (ONNX export).
+    ni = lax.iota(jnp.int32, n)[:, None, None, None]  # (N, 1, 1, 1)
     mi = jnp.arange(m)[None, None, :, None]  # (1, 1, m, 1)
     ri = r_idx[:, :, None, :]  # (N, P, 1, K)
     return xh.at[ni, ri, mi].get(mode="promise_in_bounds")  # (N, P, m, K, T, c)
@@ -180,7 +182,9 @@ def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
     kh = split_heads(kv[..., :cqk], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, c)
     vh = split_heads(kv[..., cqk:], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, cv)
     routed = (
-        jnp.zeros((n, p, p), jnp.bool_).at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx].set(True)
+        jnp.zeros((n, p, p), jnp.bool_)
+        .at[lax.iota(jnp.int32, n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+        .set(True)
     )  # (N, P, P'): query region p attends to key region p'
     if r_weight is None:
         out = _dense_masked_attention(qh, kh, vh, routed)  # (N, m, P*Tq, cv)
@@ -246,7 +250,7 @@ def _soft_masked_attention(qh, kh, vh, routed, r_idx, r_weight):
     p = routed.shape[1]
     w = (
         jnp.zeros((n, p, p), jnp.float32)
-        .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+        .at[lax.iota(jnp.int32, n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
         .set(r_weight.astype(jnp.float32))
     )  # (N, P, P'), dense routing weights
     w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)
