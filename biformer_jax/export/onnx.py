@@ -2,14 +2,14 @@
 
 The graph is the same forward pass as the StableHLO artifact (weights as initializers), input
 `images` (B, S, S, 3) float32 NHWC with B dynamic, output `logits` (B, classes) float32. It is
-converted from the jaxpr by jax2onnx (pinned in requirements.txt), then run by onnxruntime on
+converted from the jaxpr by jax2onnx (pinned in requirements-onnx.txt), then run by onnxruntime on
 CPU at batch 1 and 3 against model.apply (relative error <= 1e-4) before anything is written.
 
-What converts (jax2onnx 0.17.1): every routed-attention implementation built from XLA ops
-(`gather`, `masked`, `auto`, `chunked`), lax.top_k routing, and both depthwise convolutions;
-`dwconv_impl="conv"` (the default here) becomes one grouped ONNX Conv, `shift` a sum of slices.
-The Pallas kernels (`pallas`, `pallas_interpret`) are custom calls ONNX cannot express. A
-primitive jax2onnx has no rule for is named in the error.
+What converts (jax2onnx 0.17.1, checked on biformer_micro): routed attention `gather`, `masked`
+and `auto` (which picks between them) with lax.top_k routing, and `dwconv_impl="conv"` (the
+default here: one grouped ONNX Conv per depthwise convolution). The Pallas kernels (`pallas`,
+`pallas_interpret`) are custom calls ONNX cannot express and are refused. A primitive jax2onnx
+has no rule for is named in the error.
 """
 
 from __future__ import annotations
