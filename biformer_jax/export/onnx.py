@@ -30,8 +30,8 @@ def _require():
         import onnxruntime
     except ImportError as e:
         raise common.ExportError(
-            f"--format=onnx needs jax2onnx and onnxruntime ({e}): pip install the versions pinned in "
-            "requirements.txt (jax2onnx is installed with --no-deps there; see its comment)."
+            f"--format=onnx needs jax2onnx and onnxruntime ({e}): pip install --no-deps -r requirements-onnx.txt "
+            "(the file says why --no-deps)."
         ) from None
     return jax2onnx, onnxruntime
 
