@@ -16,21 +16,21 @@ import sys
 import jax
 import numpy as np
 import pytest
-import train_testlib
 from PIL import Image
+from support import train_testlib
 
-from biformer_jax import checkpoint, inference, train_lib
+from biformer_jax import inference
 from biformer_jax.data import sources
 from biformer_jax.export import common
 from biformer_jax.export import stablehlo as stablehlo_export
+from biformer_jax.training import checkpoint, train_lib
 
 ROOT = train_testlib.ROOT
 ODD_SIZE = (45, 29)  # (width, height): neither square nor the model's 32
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    train_testlib.enable_compilation_cache()
+def workdir(tmp_path_factory, compilation_cache):
     config = train_testlib.micro_config()
     path = tmp_path_factory.mktemp("quickstart") / "run"
     run = train_lib.setup(config)
@@ -60,7 +60,7 @@ def images(tmp_path_factory):
 def _env():
     return {
         **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": train_testlib.enable_compilation_cache(),
+        "JAX_COMPILATION_CACHE_DIR": train_testlib.enable_compilation_cache(),  # the session's cache
         "PYTHONPATH": str(ROOT),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }

@@ -24,102 +24,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from biformer_jax import checkpoint, models
-from biformer_jax.data import config as data_config
+from biformer_jax import models
 from biformer_jax.data import transforms
+from biformer_jax.data.record import IMAGENET_PREPROCESS, Preprocess, class_names_of, imagenet_class_names
+from biformer_jax.models import from_config
+from biformer_jax.training import checkpoint
 
-IMAGENET_DATASET = "imagenet2012"
 # Model options that change how, not what, the model computes; an inference caller may override them.
 IMPL_OPTIONS = ("attn_impl", "dwconv_impl")
 
 
 class InferenceInputError(ValueError):
     """A checkpoint, image or option that cannot be used; the message names it and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """The eval transform of one checkpoint (see the module docstring); JSON-serialisable."""
-
-    image_size: int
-    resize: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_data_config(cls, cfg) -> Preprocess:
-        return cls(
-            image_size=int(cfg.image_size),
-            resize=int(cfg.eval_resize),
-            interpolation=str(cfg.interpolation),
-            mean=tuple(float(v) for v in cfg.mean),
-            std=tuple(float(v) for v in cfg.std),
-        )
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Preprocess:
-        return cls(
-            image_size=int(record["image_size"]),
-            resize=int(record["resize"]),
-            interpolation=str(record["interpolation"]),
-            mean=tuple(float(v) for v in record["mean"]),
-            std=tuple(float(v) for v in record["std"]),
-        )
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "image_size": self.image_size,
-            "resize": self.resize,
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-
-IMAGENET_PREPROCESS = Preprocess(224, 256, "bicubic", data_config.IMAGENET_MEAN, data_config.IMAGENET_STD)
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 WordNet ids of TFDS's imagenet2012 `labels.txt`, in label order (tench = 0)."""
-    from importlib import resources
-
-    text = resources.files("tensorflow_datasets.datasets.imagenet2012").joinpath("labels.txt").read_text()
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(names) != 1000:
-        raise RuntimeError(f"TFDS's imagenet2012 labels.txt has {len(names)} lines, not 1000.")
-    return names
-
-
-def class_names_of(cfg) -> list[str] | None:
-    """The class names of a data config's dataset, or None when they cannot be found here.
-
-    digits: "0".."9"; folder: the train split's class folder names; imagenet2012: TFDS's
-    WordNet ids; another TFDS dataset: its label feature's names (needs its prepared metadata).
-    """
-    from biformer_jax.data import sources
-
-    name = str(cfg.name)
-    if name == "digits":
-        return [str(i) for i in range(10)]
-    if name == "folder":
-        try:
-            return list(sources.scan_folder(cfg.folder, cfg.train_split)[0])
-        except (OSError, ValueError):
-            return None
-    if name.split(":")[0] == IMAGENET_DATASET:
-        return imagenet_class_names()
-    try:
-        builder = sources._prepared_tfds(name, cfg.data_dir or None)
-        names = builder.info.features[sources._tfds_keys(builder)[1]].names
-    except Exception:  # noqa: BLE001 - an unprepared or unusual dataset: names are optional
-        return None
-    return list(names) if names else None
-
-
-def data_record(cfg) -> dict[str, Any]:
-    """What a checkpoint records about its input (train.py stores it in the meta as "data")."""
-    return {"name": str(cfg.name), **Preprocess.from_data_config(cfg).to_record(), "class_names": class_names_of(cfg)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +135,7 @@ def load(
             f"{len(names)} class names for a model with {num_classes} classes ({ref.path}); "
             "pass a label list with one name per class."
         )
-    from biformer_jax import eval_lib
-
-    abstract = eval_lib.abstract_variables(model, preprocess.image_size)
+    abstract = from_config.abstract_variables(model, preprocess.image_size)
     item = "ema_variables" if ema else "variables"
     try:
         checkpoint.check_compatible(ref, abstract, what="the model its meta names", item=item)
