@@ -19,8 +19,10 @@ import pytest
 from PIL import Image
 from support import train_testlib
 
-from biformer_jax import inference
+from biformer_jax import inference, models
+from biformer_jax.convert import files as convert_files
 from biformer_jax.data import sources
+from biformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from biformer_jax.export import common
 from biformer_jax.export import stablehlo as stablehlo_export
 from biformer_jax.training import checkpoint, train_lib
@@ -202,3 +204,19 @@ def test_onnx_round_trip_at_batch_1_and_3(workdir, tmp_path):
         assert common.relative_error(got, want) <= 1e-4
     assert json.loads((tmp_path / "model.onnx.json").read_text())["input"]["shape"] == [None, 32, 32, 3]
     jax.clear_caches()
+
+
+def test_checkpoints_without_a_data_record(tmp_path):
+    """1000 classes: the ImageNet eval transform and TFDS's WordNet ids; otherwise --config is required."""
+    for num_classes in (1000, 10):
+        model = models.create_model("biformer_micro", num_classes=num_classes)
+        kwargs = {"num_classes": num_classes}
+        meta = {"format": checkpoint.VARIABLES_FORMAT, "model": "biformer_micro", "model_kwargs": kwargs}
+        convert_files.save_converted(tmp_path / str(num_classes), train_testlib.random_variables(model), meta)
+    loaded = inference.load(str(tmp_path / "1000"))
+    assert loaded.preprocess == inference.Preprocess(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    assert len(loaded.class_names) == 1000 and loaded.class_names[:2] == ["n01440764", "n01443537"]
+    with pytest.raises(inference.InferenceInputError, match="--config=configs/<experiment>.py"):
+        inference.load(str(tmp_path / "10"))
+    loaded = inference.load(str(tmp_path / "10"), config=train_testlib.micro_config())
+    assert loaded.class_names == [str(i) for i in range(10)] and loaded.preprocess.image_size == 32

@@ -60,9 +60,15 @@ IMAGENET_PREPROCESS = Preprocess(224, 256, "bicubic", data_config.IMAGENET_MEAN,
 
 def imagenet_class_names() -> list[str]:
     """The 1000 WordNet ids of TFDS's imagenet2012 `labels.txt`, in label order (tench = 0)."""
-    from importlib import resources
+    import importlib.util
+    from pathlib import Path
 
-    text = resources.files("tensorflow_datasets.datasets.imagenet2012").joinpath("labels.txt").read_text()
+    # Read from the installed package without importing it (tensorflow_datasets imports TensorFlow).
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("ImageNet class names come from tensorflow_datasets, which is not installed.")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "imagenet2012" / "labels.txt"
+    text = path.read_text()
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != 1000:
         raise RuntimeError(f"TFDS's imagenet2012 labels.txt has {len(names)} lines, not 1000.")
