@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
@@ -40,7 +41,8 @@ def gather_heads(xh: jax.Array, r_idx: jax.Array) -> jax.Array:
     the heads-major layout the attention matmuls consume, so no K-fold tensor is transposed.
     """
     n, _, m = xh.shape[:3]
-    ni = jnp.arange(n)[:, None, None, None]  # (N, 1, 1, 1)
+    # iota, not jnp.arange: with a symbolic batch size jax2onnx's arange rule fails (ONNX export).
+    ni = lax.iota(jnp.int32, n)[:, None, None, None]  # (N, 1, 1, 1)
     mi = jnp.arange(m)[None, None, :, None]  # (1, 1, m, 1)
     ri = r_idx[:, :, None, :]  # (N, P, 1, K)
     return xh.at[ni, ri, mi].get(mode="promise_in_bounds")  # (N, P, m, K, T, c)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention
 from biformer_jax.ops.heads import gather_heads, merge_heads, split_qkv_heads
@@ -151,7 +152,9 @@ def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
         for x in split_qkv_heads(q, kv, m, scale)
     )  # (N, m, P*Tq, c), (N, m, P*Tkv, c), (N, m, P*Tkv, cv)
     routed = (
-        jnp.zeros((n, p, p), jnp.bool_).at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx].set(True)
+        jnp.zeros((n, p, p), jnp.bool_)
+        .at[lax.iota(jnp.int32, n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+        .set(True)
     )  # (N, P, P'): query region p attends to key region p'
     if r_weight is None:
         out = _dense_masked_attention(qh, kh, vh, routed)  # (N, m, P*Tq, cv)
@@ -217,7 +220,7 @@ def _soft_masked_attention(qh, kh, vh, routed, r_idx, r_weight):
     p = routed.shape[1]
     w = (
         jnp.zeros((n, p, p), jnp.float32)
-        .at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]
+        .at[lax.iota(jnp.int32, n)[:, None, None], jnp.arange(p)[None, :, None], r_idx]  # iota: see heads.gather_heads
         .set(r_weight.astype(jnp.float32))
     )  # (N, P, P'), dense routing weights
     w6 = w[:, None, :, None, :, None]  # (N, 1, P, 1, P', 1)

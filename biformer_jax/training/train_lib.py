@@ -28,6 +28,7 @@ from absl import logging
 from clu import parameter_overview, periodic_actions
 
 from biformer_jax import data
+from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
 from biformer_jax.training import checkpoint, eval_lib, optim, preemption, sharding, steps
 from biformer_jax.training import metrics as metrics_lib
@@ -135,7 +136,8 @@ def setup(config, devices: list | None = None) -> Setup:
         mesh=mesh,
         info=info,
         model=model,
-        meta=from_config.model_meta(config, info.num_classes),
+        # The model, and its input for predict.py / export (data.record): eval preprocessing, class names.
+        meta={**from_config.model_meta(config, info.num_classes), "data": data_record(config.data)},
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,

@@ -1,0 +1,98 @@
+"""ONNX export through jax2onnx, checked with onnxruntime.
+
+The graph is the same forward pass as the StableHLO artifact (weights as initializers), input
+`images` (B, S, S, 3) float32 NHWC with B dynamic, output `logits` (B, classes) float32. It is
+converted from the jaxpr by jax2onnx (pinned in requirements-onnx.txt), then run by onnxruntime on
+CPU at batch 1 and 3 against model.apply (relative error <= 1e-4) before anything is written.
+
+What converts (jax2onnx 0.17.1, checked on biformer_micro): routed attention `gather`, `masked`
+and `auto` (which picks between them) with lax.top_k routing, and `dwconv_impl="conv"` (the
+default here: one grouped ONNX Conv per depthwise convolution). The Pallas kernels (`pallas`,
+`pallas_interpret`) are custom calls ONNX cannot express and are refused. A primitive jax2onnx
+has no rule for is named in the error.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from biformer_jax import inference
+from biformer_jax.export import common
+
+TOLERANCE = 1e-4  # relative L2 error of the logits against model.apply (onnxruntime, float32)
+OPSET = 23
+
+
+def _require():
+    try:
+        import jax2onnx
+        import onnxruntime
+    except ImportError as e:
+        raise common.ExportError(
+            f"--format=onnx needs jax2onnx and onnxruntime ({e}): pip install --no-deps -r requirements-onnx.txt "
+            "(the file says why --no-deps)."
+        ) from None
+    return jax2onnx, onnxruntime
+
+
+def convert(loaded: inference.Loaded) -> bytes:
+    """The serialized ONNX model of `loaded`'s forward pass (batch dimension dynamic)."""
+    jax2onnx, _ = _require()
+    impl = loaded.model.attn_impl
+    if str(impl).startswith("pallas"):
+        raise common.ExportError(
+            f"attn_impl={impl!r} runs Pallas kernels (custom calls), which ONNX cannot express; "
+            "export with --attn_impl=auto (or gather / masked)."
+        )
+    s = loaded.preprocess.image_size
+    try:
+        proto = jax2onnx.to_onnx(
+            common.serving_fn(loaded),
+            [("B", s, s, 3)],
+            model_name=str(loaded.meta["model"]),
+            opset=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+        )
+    except NotImplementedError as e:
+        match = re.search(r"primitive '([^']+)'", str(e))
+        what = f"the JAX primitive {match.group(1)!r}" if match else "an operation"
+        raise common.ExportError(
+            f"ONNX cannot express {what} of {loaded.meta['model']} (jax2onnx: {e}). Try another "
+            "--attn_impl / --dwconv_impl, or --format=stablehlo."
+        ) from e
+    return proto.SerializeToString()
+
+
+def run_serialized(data: bytes, images):
+    _, ort = _require()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": images})[0]
+
+
+def export_checkpoint(loaded: inference.Loaded, out: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Writes OUT (.onnx) and its spec JSON; returns the spec (with the check's errors)."""
+    common.check_writable(out, overwrite=overwrite)
+    data = convert(loaded)
+    errors = common.check("onnx", lambda x: run_serialized(data, x), loaded, TOLERANCE)
+    import jax2onnx
+    import onnxruntime
+
+    record = common.spec(
+        loaded,
+        kind="onnx",
+        artifact=out,
+        extra={
+            "opset": OPSET,
+            "converter": f"jax2onnx {getattr(jax2onnx, '__version__', '?')}",
+            "implementations": {k: getattr(loaded.model, k) for k in inference.IMPL_OPTIONS},
+            "check": {
+                "relative_error": errors,
+                "tolerance": TOLERANCE,
+                "against": f"jit(model.apply), CPU; onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+            },
+        },
+    )
+    common.write_atomically({common.spec_path(out): common.json_bytes(record), out: data}, overwrite=overwrite)
+    return record
