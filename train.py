@@ -53,7 +53,7 @@ def main(argv):
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         raise  # SystemExit(0)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, train_lib.NonFiniteLossError) as e:
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointError, train_lib.NonFiniteLossError) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -54,9 +53,22 @@ def _every(value: int, default: int) -> int:
     return value if value > 0 else default
 
 
-def _init_from(config, state: TrainState, shardings: TrainState) -> TrainState:
-    """Replaces a fresh state's weights (and EMA) by those of config.init_from's checkpoint."""
+INIT_FROM_HINT = (
+    "or, to fine-tune with other settings on purpose, name the fields in config.init_from_overrides "
+    "(num_classes may always differ)"
+)
+
+
+def _init_from_ref(config, meta: dict[str, Any]) -> checkpoint.CheckpointRef:
+    """config.init_from's checkpoint, after checking its architecture (fields in init_from_overrides may differ)."""
     ref = checkpoint.resolve(config.init_from)
+    allow = ("num_classes", *config.init_from_overrides)
+    checkpoint.check_architecture(ref, meta, what="config.init_from", allow=allow, hint=INIT_FROM_HINT)
+    return ref
+
+
+def _init_from(config, state: TrainState, shardings: TrainState, ref: checkpoint.CheckpointRef) -> TrainState:
+    """Replaces a fresh state's weights (and EMA) by those of config.init_from's checkpoint `ref`."""
     saved = checkpoint.saved_shapes(ref)
     head_ok = True
     missing, unexpected, mismatched = checkpoint.mismatches(saved, state.variables, ignore=("head",))
@@ -107,25 +119,59 @@ def _init_compiler_options() -> dict[str, Any]:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
-def initial_state(config, manager, init_fn, abstract: TrainState, shardings: TrainState) -> TrainState:
-    """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch."""
+def _check_own_checkpoint(config, manager, meta: dict[str, Any]) -> None:
+    """The workdir's checkpoints must be this config's model, and from this config.resume (if any)."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:  # the newest whose meta can be read (restore_latest deals with the rest)
+        ref = checkpoint.CheckpointRef("train", manager.directory / str(step), step)
+        try:
+            recorded = checkpoint.load_meta(ref)
+        except checkpoint.CheckpointReadError:
+            continue
+        break
+    else:
+        return
+    hint = "or use a fresh --workdir for another model"
+    checkpoint.check_architecture(ref, meta, what="this workdir's checkpoint", hint=hint)
+    if config.resume and recorded.get("resume", "") != config.resume:
+        raise checkpoint.CheckpointError(
+            f"config.resume={config.resume!r} is set, but the workdir {manager.directory.parent} already has "
+            f"its own checkpoints (steps {sorted(steps)}), not started from it; resuming would mix the two "
+            "runs. Use a fresh --workdir to resume from config.resume, or unset config.resume to continue "
+            "this workdir's run."
+        )
+
+
+def initial_state(
+    config, manager, init_fn, abstract: TrainState, shardings: TrainState, *, meta: dict[str, Any] | None = None
+) -> TrainState:
+    """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch.
+
+    `meta` is the config's model record (`Setup.meta`; computed when not given). Every source is
+    checked against it first: a checkpoint of another architecture stops the run with the list of
+    differences (`checkpoint.ArchitectureMismatchError`).
+    """
+    if meta is None:
+        meta = eval_lib.model_meta(config, data.dataset_info(config.data).num_classes)
+    _check_own_checkpoint(config, manager, meta)  # before anything is read or compiled
     abstract_sharded = sharding.with_shardings(abstract, shardings)
-    latest = manager.latest_step()
-    if latest is not None:
-        ref = checkpoint.CheckpointRef("train", manager.directory / str(latest), latest)
-        logging.info("Resuming from this workdir's checkpoint at step %d (%s).", latest, ref.path)
-        return checkpoint.restore_train_state(ref, abstract_sharded)
+    state = checkpoint.restore_latest(manager, abstract_sharded)
+    if state is not None:
+        logging.info("Resumed from this workdir's checkpoint at step %d.", int(jax.device_get(state.step)))
+        return state
     if config.resume:
         ref = checkpoint.resolve(config.resume)
+        checkpoint.check_architecture(ref, meta, what="config.resume", hint="or use config.init_from to fine-tune")
         logging.info("Resuming from config.resume=%s (step %s).", ref.path, ref.step)
         return checkpoint.restore_train_state(ref, abstract_sharded)
+    init_ref = _init_from_ref(config, meta) if config.init_from else None  # before the compile
     # The seed is an argument, not a constant, so runs that differ only in seed share one compile.
     seed = np.int32(config.seed)
     state = (
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
-    if config.init_from:
-        return _init_from(config, state, shardings)
+    if init_ref is not None:
+        return _init_from(config, state, shardings, init_ref)
     logging.info("Starting from scratch (seed %d).", config.seed)
     return state
 
@@ -146,7 +192,7 @@ def _hparams(config) -> dict[str, Any]:
 
 
 def _last_eval(workdir: str, step: int) -> dict[str, float]:
-    record = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE)).get(step, {})
+    record = metrics_lib.read_jsonl(checkpoint.as_path(workdir) / metrics_lib.METRICS_FILE).get(step, {})
     return {k: v for k, v in record.items() if k.startswith("eval")}
 
 
@@ -190,7 +236,7 @@ def setup(config, devices: list | None = None) -> Setup:
         mesh=mesh,
         info=info,
         model=model,
-        meta=eval_lib.model_meta(config, info.num_classes),
+        meta={**eval_lib.model_meta(config, info.num_classes), "resume": config.resume},
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,
@@ -230,9 +276,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     The returned dict holds "eval/top1", "eval/top5", "eval/loss" (and "eval_ema/..." with EMA).
     """
-    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
+    workdir = checkpoint.as_path(workdir)  # gs://, s3:// or local (made absolute: Orbax needs that)
     run = setup(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
     manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
     try:
@@ -246,7 +292,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
     mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
-    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, meta=run.meta)
     first_step = int(jax.device_get(state.step))
 
     writer = metrics_lib.create_writer(workdir, process_index=jax.process_index())

@@ -51,6 +51,8 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
     assert results["top1"] == pytest.approx(final["eval/top1"]) and results["ema"]["top1"] == pytest.approx(
         final["eval_ema/top1"]
     )
+    assert not (ref.path / eval_lib.EVAL_RESULTS_FILE).exists()  # eval.py prints first, then writes
+    eval_lib.write_results(ref.path, results)
     assert json.loads((ref.path / eval_lib.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
 
 
