@@ -195,12 +195,16 @@ def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path):
     variables = train_testlib.random_variables(other)
     convert_files.save_converted(tmp_path / "other", variables, _converter_meta(embed_dim=[8, 32, 64, 128]))
     config = train_testlib.micro_config(init_from=str(tmp_path / "other"))
+    with pytest.raises(checkpoint.ArchitectureMismatchError, match=r"embed_dim: checkpoint \[8, 32, 64, 128\]"):
+        train_lib.train_and_evaluate(config, tmp_path / "ft")
+    # Differences named in init_from_overrides pass the architecture check, not the shape check.
+    config = train_testlib.micro_config(init_from=str(tmp_path / "other"), init_from_overrides=("embed_dim",))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, tmp_path / "ft")
     message = str(err.value)
     assert "with a different shape" in message
     assert "params/downsample_layers_0/0/kernel: checkpoint (3, 3, 3, 4), model (3, 3, 3, 8)" in message
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match the model"):
+    with pytest.raises(checkpoint.ArchitectureMismatchError, match="embed_dim: checkpoint"):
         eval_lib.evaluate_checkpoint(train_testlib.micro_config(), str(tmp_path / "other"))
 
 
