@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
+import required
 
 GOLDEN_DIR = Path(os.environ.get("BIFORMER_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
@@ -139,8 +139,14 @@ class GoldenCase:
 
 
 def require(case: str) -> GoldenCase:
-    if not (GOLDEN_DIR / f"{case}.npz").exists():
-        pytest.skip(f"golden case {case} not found under {GOLDEN_DIR} (set BIFORMER_GOLDEN_DIR)")
+    """The case's data; a missing file skips the test, or fails it under BIFORMER_REQUIRE_GOLDEN=1 (CI)."""
+    for name in (f"{case}.npz", f"{case}.manifest.json"):
+        if not (GOLDEN_DIR / name).exists():
+            required.missing(
+                f"golden file {name} not found under {GOLDEN_DIR} (put shared/golden beside the repository "
+                "or set BIFORMER_GOLDEN_DIR)",
+                required.GOLDEN_ENV,
+            )
     return GoldenCase(case)
 
 

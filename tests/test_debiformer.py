@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import required
 from golden import eval_case, recipe_value, require
 
 from biformer_jax import convert, models
@@ -157,7 +158,7 @@ def test_micro_trains_on_digits():
 
 
 def test_grid_sample_matches_pytorch():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: grid_sample reference unavailable")
+    torch = required.torch("PyTorch not installed: grid_sample reference unavailable")
     rng = np.random.default_rng(0)
     image = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)  # (B, H, W, C)
     grid = rng.uniform(-1.2, 1.2, (2, 4, 6, 2)).astype(np.float32)  # beyond the borders too
@@ -216,7 +217,7 @@ def test_topk_breaks_ties_like_torch(row, k, expected):
 
 
 def test_topk_matches_torch_on_random_ties():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: torch.topk reference unavailable")
+    torch = required.torch("PyTorch not installed: torch.topk reference unavailable")
     rng = np.random.default_rng(0)
     for n, k in [(49, 1), (49, 4), (49, 16), (16, 8), (25, 3), (4, 2)]:
         rows = rng.integers(0, 4, (64, n)).astype(np.float32)  # many exact ties

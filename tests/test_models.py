@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import required
 from flax import linen as nn
 
 from biformer_jax import models
@@ -242,7 +243,7 @@ def test_bfloat16_compute_stays_close():
 
 
 def test_adaptive_pool_matches_pytorch_bins():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: AdaptiveAvgPool2d reference unavailable")
+    torch = required.torch("PyTorch not installed: AdaptiveAvgPool2d reference unavailable")
     x = np.random.default_rng(0).standard_normal((2, 3, 7, 5, 4)).astype(np.float32)  # (N, P, h, w, C)
     for out in (1, 2, 3):
         ref_in = torch.from_numpy(x.reshape(6, 7, 5, 4).transpose(0, 3, 1, 2))
