@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, sweeps, train_lib
+from biformer_jax import checkpoint, cli, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config (configs/*.py[:arg]).", lock_config=True
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
