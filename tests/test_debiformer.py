@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 import required
-from golden import eval_case, recipe_value, require
+from golden import beyond_train_bar, eval_case, recipe_value, require, train_case
 
 from biformer_jax import convert, models
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention
@@ -26,6 +26,19 @@ def test_golden_logits_and_routes(case):
     print(summary)
     assert err <= 1e-3, summary
     assert same >= 0.999 * total, summary
+
+
+@pytest.mark.slow
+def test_golden_train_gradients_and_running_stats():
+    """The backward held to the release: ten parameter gradients (the offset networks
+    `conv_offset_q`, i.e. the backward of the deformable sampling, included) and BatchNorm's
+    running statistics after one train-mode forward, at biformer_tiny_train's bar."""
+    logits_err, errors, counts = train_case("debiformer_tiny_train")
+    print(f"logits {logits_err:.1e} (bar 1e-3)", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert logits_err <= 1e-3
+    assert sum("conv_offset_q" in k for k in errors) == 2 and len(errors) >= 10 + 6, sorted(errors)
+    assert not beyond_train_bar(errors), f"beyond the bar: {beyond_train_bar(errors)}"
+    assert counts and all(c == 1 for c in counts)
 
 
 @pytest.mark.parametrize(
