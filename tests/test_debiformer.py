@@ -280,3 +280,9 @@ def test_attention_module_any_size_and_impls():
         outs[impl] = jax.jit(attn.apply)(variables, x)
     assert outs["shift"].shape == x.shape and np.isfinite(outs["shift"]).all()
     np.testing.assert_allclose(outs["shift"], outs["conv"], rtol=1e-5, atol=1e-5)
+    # Off the grid = the same module on the input zero-padded by hand to 12x9, cropped back
+    # (the padded positions take part in attention, as in the release with auto_pad=True).
+    # Measured: identical (difference 0.0).
+    padded = jnp.pad(x, ((0, 0), (0, 1), (0, 2), (0, 0)))  # (1, 12, 9, 16): 3 divides both
+    by_hand = jax.jit(attn.apply)(variables, padded)[:, :11, :7]  # the conv-impl module of the loop
+    np.testing.assert_allclose(outs["conv"], by_hand, rtol=1e-6, atol=1e-6)

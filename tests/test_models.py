@@ -239,7 +239,8 @@ def test_bfloat16_compute_stays_close():
     a, b = model32.apply(variables, x), model16.apply(variables, x)
     assert b.dtype == jnp.float32  # logits come back in float32
     assert jax.tree_util.tree_leaves(variables["params"])[0].dtype == jnp.float32
-    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
+    # Close, and really bfloat16: measured 4.9e-3 (a float32 run would differ by ~1e-7).
+    assert 1e-4 < np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
 
 
 def test_adaptive_pool_matches_pytorch_bins():
