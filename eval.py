@@ -15,7 +15,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, cli, data, eval_lib
+from biformer_jax import cli, data
+from biformer_jax.models.from_config import CheckpointMismatchError
+from biformer_jax.training import checkpoint, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -36,7 +38,7 @@ def main(argv):
     checkpoint.quiet_orbax_logging()
     try:
         results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointError, FileNotFoundError) as e:
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

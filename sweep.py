@@ -4,7 +4,7 @@
         --workdir=workdirs/sweep_lr
 
 Each run trains in WORKDIR/<overrides> (resumed if it exists); WORKDIR/summary.md and
-WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/sweeps.py for
+WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/training/sweeps.py for
 the sweep file format. A failed run does not stop the others; the command then exits with status 1,
 each failure's traceback in WORKDIR/<overrides>/failure.txt.
 """
@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, cli, sweeps, train_lib
+from biformer_jax import cli
+from biformer_jax.training import checkpoint, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config (configs/*.py[:arg]).", lock_config=True

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import train_testlib
+from support import train_testlib
 
-from biformer_jax import checkpoint, eval_lib, models, train_lib
-from biformer_jax.models import spec
-from biformer_jax.train_state import TrainState
+from biformer_jax import models
+from biformer_jax.models import from_config, spec
+from biformer_jax.training import checkpoint, eval_lib, restore, train_lib
+from biformer_jax.training.train_state import TrainState
 
 MICRO = {"model": "biformer_micro", "model_kwargs": {"depth": [1, 1, 1, 1], "num_classes": 10}}
 
@@ -78,15 +79,15 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_kept_step(tmp_p
     _save(manager, [(1, 1.0), (2, 2.0)])
     _corrupt(tmp_path / "checkpoints" / "2")
     with caplog.at_level("WARNING"):
-        state = checkpoint.restore_latest(manager, _abstract())
+        state = restore.restore_latest(manager, _abstract())
     assert int(state.step) == 1 and float(state.params["w"][0]) == 1.0
     assert "Cannot read the checkpoint" in caplog.text and "Trying the previous checkpoint" in caplog.text
     # The unreadable step is kept, under another name, and no longer counts as a step.
-    assert _step_dirs(tmp_path / "checkpoints") == ["1", "2" + checkpoint.UNREADABLE_SUFFIX]
+    assert _step_dirs(tmp_path / "checkpoints") == ["1", "2" + restore.UNREADABLE_SUFFIX]
     assert any(p.is_file() for p in (tmp_path / "checkpoints" / "2.unreadable" / "train").rglob("*"))
     assert manager.all_steps() == [1]
     _save(manager, [(2, 3.0)])  # the run goes on and saves step 2 again
-    assert int(checkpoint.restore_latest(manager, _abstract()).step) == 2
+    assert int(restore.restore_latest(manager, _abstract()).step) == 2
     manager.close()
 
 
@@ -95,7 +96,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     _save(manager, [(1, 1.0)])
     _corrupt(tmp_path / "checkpoints" / "1")
     with pytest.raises(checkpoint.CheckpointReadError, match=r"None of the checkpoints .* can be read"):
-        checkpoint.restore_latest(manager, _abstract())
+        restore.restore_latest(manager, _abstract())
     assert (tmp_path / "checkpoints" / "1.unreadable" / "train").is_dir()
     manager.close()
 
@@ -106,14 +107,14 @@ def test_a_model_mismatch_is_not_mistaken_for_damage(tmp_path):
     bigger = jax.tree.map(lambda s: jax.ShapeDtypeStruct((5,), s.dtype, sharding=s.sharding), _abstract())
     bigger = bigger.replace(step=_abstract().step, rng=_abstract().rng)
     with pytest.raises(checkpoint.CheckpointMismatchError):
-        checkpoint.restore_latest(manager, bigger)
+        restore.restore_latest(manager, bigger)
     assert _step_dirs(tmp_path / "checkpoints") == ["1"]  # nothing set aside
     manager.close()
 
 
 def test_resume_is_refused_when_the_workdir_has_checkpoints_of_its_own(tmp_path):
     config = train_testlib.micro_config(resume=str(tmp_path / "other_run"))
-    meta = {**eval_lib.model_meta(config, 10), "resume": ""}
+    meta = {**from_config.model_meta(config, 10), "resume": ""}
     manager = checkpoint.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
     _save(manager, [(2, 1.0)], meta=meta)
     with pytest.raises(checkpoint.CheckpointError, match=r"config.resume=.* already has its own checkpoints"):
@@ -122,7 +123,7 @@ def test_resume_is_refused_when_the_workdir_has_checkpoints_of_its_own(tmp_path)
     # The same command re-run after a preemption (its checkpoints started from that resume) is fine.
     manager = checkpoint.create_manager(tmp_path / "resumed", _ckpt_cfg(), best_metric="")
     _save(manager, [(2, 1.0)], meta={**meta, "resume": config.resume})
-    train_lib._check_own_checkpoint(config, manager, {**meta, "resume": config.resume})
+    restore.check_own_checkpoint(config, manager, {**meta, "resume": config.resume})
     manager.close()
 
 
@@ -211,7 +212,7 @@ def test_shape_preserving_architecture_changes_are_differences(field, value):
     assert spec.differences(other, MICRO, allow=[field]) == []
     # Shapes alone would not have told: the variables have the same names and shapes.
     shapes = [
-        jax.tree.map(lambda s: s.shape, eval_lib.abstract_variables(models.create_model(m["model"], **kw), 128))
+        jax.tree.map(lambda s: s.shape, from_config.abstract_variables(models.create_model(m["model"], **kw), 128))
         for m in (other, MICRO)
         for kw in [{k: tuple(v) if isinstance(v, list) else v for k, v in m["model_kwargs"].items()}]
     ]
@@ -234,37 +235,37 @@ def _workdir_with(tmp_path, meta) -> checkpoint.CheckpointRef:
 
 def test_resume_init_from_and_eval_stop_on_another_architecture(tmp_path):
     config = train_testlib.micro_config()
-    meta = {**eval_lib.model_meta(config, 10), "resume": ""}
+    meta = {**from_config.model_meta(config, 10), "resume": ""}
     recorded = {**meta, "model_kwargs": {**meta["model_kwargs"], "topks": [1, 1, 1, -2], "pre_norm": False}}
     _workdir_with(tmp_path / "run", recorded)
     expected = r"another architecture.*\n  pre_norm: checkpoint False, config True\n  topks: checkpoint \[1, 1, 1, -2\]"
 
     manager = checkpoint.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
-    with pytest.raises(checkpoint.ArchitectureMismatchError, match=expected):  # the workdir's own (restart)
+    with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # the workdir's own (restart)
         train_lib.initial_state(config, manager, None, None, None, meta=meta)
     manager.close()
     empty = checkpoint.create_manager(tmp_path / "fresh", _ckpt_cfg(), best_metric="")
-    with pytest.raises(checkpoint.ArchitectureMismatchError, match=expected):  # config.resume
+    with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # config.resume
         train_lib.initial_state(
             train_testlib.micro_config(resume=str(tmp_path / "run")), empty, None, None, None, meta=meta
         )
-    with pytest.raises(checkpoint.ArchitectureMismatchError, match="init_from_overrides"):  # config.init_from
+    with pytest.raises(restore.ArchitectureMismatchError, match="init_from_overrides"):  # config.init_from
         train_lib.initial_state(
             train_testlib.micro_config(init_from=str(tmp_path / "run")), empty, None, None, None, meta=meta
         )
     empty.close()
-    with pytest.raises(checkpoint.ArchitectureMismatchError, match=expected):  # eval.py
+    with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # eval.py
         eval_lib.evaluate_checkpoint(config, str(tmp_path / "run"))
 
 
 def test_init_from_accepts_the_differences_the_config_names(tmp_path):
     config = train_testlib.micro_config()
-    meta = eval_lib.model_meta(config, 10)
+    meta = from_config.model_meta(config, 10)
     recorded = {**meta, "model_kwargs": {**meta["model_kwargs"], "topks": [1, 1, 1, -2], "num_classes": 7}}
     ref = _workdir_with(tmp_path, recorded)
-    with pytest.raises(checkpoint.ArchitectureMismatchError, match="topks") as err:
-        train_lib._init_from_ref(train_testlib.micro_config(init_from=str(tmp_path)), meta)
+    with pytest.raises(restore.ArchitectureMismatchError, match="topks") as err:
+        restore.init_from_ref(train_testlib.micro_config(init_from=str(tmp_path)), meta)
     assert "num_classes: checkpoint" not in str(err.value)  # the classifier width may always differ
     allowed = train_testlib.micro_config(init_from=str(tmp_path), init_from_overrides=("topks",))
-    assert train_lib._init_from_ref(allowed, meta) == ref
+    assert restore.init_from_ref(allowed, meta) == ref
     np.testing.assert_array_equal(checkpoint.load_variables(ref)["params"]["w"], np.ones(4, np.float32))

@@ -9,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from biformer_jax import eval_lib, models
+from biformer_jax import models
 from biformer_jax.data import config as data_config
+from biformer_jax.models import from_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Every experiment config file (a new one is checked without being listed here).
@@ -43,8 +44,8 @@ def test_config_loads_and_builds_its_model(name, arg):
     # A model name create_model does not know is a broken config (a typo), not a skip.
     assert config.model in models.list_models(), f"configs/{name}.py: model {config.model!r} is not registered"
     num_classes = 10 if name == "quickstart" else 1000
-    model = eval_lib.model_from_config(config, num_classes=num_classes)
-    variables = eval_lib.abstract_variables(model, config.data.image_size)
+    model = from_config.model_from_config(config, num_classes=num_classes)
+    variables = from_config.abstract_variables(model, config.data.image_size)
     assert variables["params"]["head"]["kernel"].shape[-1] == num_classes
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) > 0
 

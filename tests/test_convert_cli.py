@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import required
+from support import required
 
 from biformer_jax import convert, models
 from biformer_jax.convert.__main__ import main as convert_main

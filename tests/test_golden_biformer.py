@@ -1,7 +1,7 @@
 """BiFormer against the official PyTorch outputs in ../shared/golden (golden/README.md's bar)."""
 
 import pytest
-from golden import beyond_train_bar, eval_case, train_case
+from support.golden import beyond_train_bar, eval_case, train_case
 
 EVAL_CASES = ["opts_a", "opts_b", "opts_c_autopad", "opts_d", "biformer_tiny", "biformer_small", "biformer_base"]
 FULL_SIZE = {"biformer_tiny", "biformer_small", "biformer_base"}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from biformer_jax import models
-from biformer_jax.models import layers
+from biformer_jax.ops import conv
 from biformer_jax.ops import routed_attention as ra
 
 MICRO = dict(
@@ -115,7 +115,7 @@ def test_debiformer_input_checks(case):
 
 def test_conv_impl_name():
     with pytest.raises(ValueError, match=re.escape("conv impl='winograd' is not one of 'auto', 'conv', 'im2col'")):
-        layers.resolve_conv_impl("winograd")
+        conv.resolve_conv_impl("winograd")
 
 
 def _attention_inputs(n=1, p=4, tq=3, tkv=3, cqk=8, cv=8, k=2):

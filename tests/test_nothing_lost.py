@@ -14,12 +14,13 @@ import sys
 
 import numpy as np
 import pytest
-import train_testlib
 from PIL import Image
+from support import train_testlib
 
-from biformer_jax import data, eval_lib, models, sweeps
+from biformer_jax import data, models
 from biformer_jax.convert import files as convert_files
 from biformer_jax.data import sources
+from biformer_jax.training import eval_lib, sweeps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +40,7 @@ def _micro_config_file(tmp_path):
     config_file = tmp_path / "micro.py"  # the tests' micro config, so the eval compile is a cache hit
     config_file.write_text(
         f"import sys\nsys.path.insert(0, {str(train_testlib.ROOT / 'tests')!r})\n"
-        "import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
+        "from support import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
     )
     return config_file
 
@@ -148,7 +149,7 @@ def test_sweep_py_exits_non_zero_when_a_run_failed(tmp_path):
     harness = tmp_path / "fake_sweep.py"  # sweep.py with a trainer that fails for lr < 0 (no compile)
     harness.write_text(
         "import json, os, runpy, sys\n"
-        "from biformer_jax import train_lib\n"
+        "from biformer_jax.training import train_lib\n"
         "def fake(config, workdir):\n"
         "    if config.optim.lr < 0:\n"
         "        raise ValueError('lr must be positive')\n"

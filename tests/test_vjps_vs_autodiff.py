@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biformer_jax.models import layers
 from biformer_jax.ops import chunked_routed_attention as chunked
+from biformer_jax.ops import depthwise, fused
 from biformer_jax.ops import routed_attention as ra
 
 # Bounds on the relative L2 error of each gradient: float32 (both sides round) and float64
@@ -69,7 +69,7 @@ def assert_vjp_matches(custom, reference, args, dtype, *, diff_argnums=None, see
 
 
 def gelu_ref(x):
-    return 0.5 * x * jax.lax.erfc(-x * layers._SQRT_HALF)
+    return 0.5 * x * jax.lax.erfc(-x * fused._SQRT_HALF)
 
 
 def layer_norm_ref(x, scale, bias, eps=1e-6):
@@ -110,7 +110,7 @@ def test_gelu(dtype):
     with _in_dtype(dtype):
         (x,) = _random([(4, 7, 33)], dtype)
         x = x * 3  # reach the tails
-        assert_vjp_matches(layers.gelu, gelu_ref, (x,), dtype)
+        assert_vjp_matches(fused.gelu, gelu_ref, (x,), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,7 +118,7 @@ def test_layer_norm(dtype):
     with _in_dtype(dtype):
         x, scale, bias = _random([(3, 5, 24), (24,), (24,)], dtype)
         x = 2.0 * x + 0.5  # a mean and a spread to normalise away
-        assert_vjp_matches(lambda x, s, b: layers._layer_norm(x, s, b, 1e-6), layer_norm_ref, (x, scale, bias), dtype)
+        assert_vjp_matches(lambda x, s, b: fused.layer_norm(x, s, b, 1e-6), layer_norm_ref, (x, scale, bias), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -136,7 +136,7 @@ def test_layer_norm_dense(dtype, split):
             return tuple(jnp.dot(y, k) + c for k, c in zip(ks, bs))
 
         assert_vjp_matches(
-            lambda x, s, b, ks, bs: layers._layer_norm_dense(x, s, b, ks, bs, 1e-6),
+            lambda x, s, b, ks, bs: fused.layer_norm_dense(x, s, b, ks, bs, 1e-6),
             ref,
             (x, scale, bias, kernels, biases),
             dtype,
@@ -147,9 +147,7 @@ def test_layer_norm_dense(dtype, split):
 def test_gelu_dense(dtype):
     with _in_dtype(dtype):
         x, kernel, bias = _random([(2, 5, 24), (24, 10), (10,)], dtype)
-        assert_vjp_matches(
-            layers._gelu_dense, lambda x, k, b: jnp.dot(gelu_ref(x), k) + b, (x * 2, kernel, bias), dtype
-        )
+        assert_vjp_matches(fused.gelu_dense, lambda x, k, b: jnp.dot(gelu_ref(x), k) + b, (x * 2, kernel, bias), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,7 +157,7 @@ def test_shifted_depthwise_conv(dtype, k, padding, width):
     with _in_dtype(dtype):
         x, kernel = _random([(2, 9, width, 6), (k, k, 1, 6)], dtype)
         assert_vjp_matches(
-            lambda x, w: layers.shift_depthwise_conv(x, w, padding),
+            lambda x, w: depthwise.shift_depthwise_conv(x, w, padding),
             lambda x, w: depthwise_conv_ref(x, w, padding),
             (x, kernel),
             dtype,
@@ -224,7 +222,7 @@ def test_a_wrong_vjp_fails_the_check():
         return gelu_ref(x), x
 
     def bwd(x, g):
-        return (g * 0.5 * jax.lax.erfc(-x * layers._SQRT_HALF),)  # the x * pdf(x) term dropped
+        return (g * 0.5 * jax.lax.erfc(-x * fused._SQRT_HALF),)  # the x * pdf(x) term dropped
 
     broken_gelu.defvjp(fwd, bwd)
     (x,) = _random([(4, 7, 33)], "float32")
