@@ -55,7 +55,7 @@ BIFORMER_CASES = {
     "kernels_len": (dict(kv_downsample_kernels=(4,)), None, "kv_downsample_kernels must have one entry"),
     "mlp_ratios_len": (dict(mlp_ratios=(4, 4, 4)), None, "mlp_ratios must have one entry per stage"),
     "representation_size": (dict(representation_size=32), None, "representation_size is not supported"),
-    "pe": (dict(pe="abs"), None, "pe='abs': the official code only accepts None"),
+    "pe": (dict(pe="abs"), None, "pe='abs': the official BiFormer only accepts None"),
     "n_win_zero": (dict(n_win=0), None, "n_win must be positive, got 0"),
     "n_win_negative": (dict(n_win=-2), None, "n_win must be positive, got -2"),
     "kv_per_wins_zero": (
