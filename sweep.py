@@ -5,12 +5,17 @@
 
 Each run trains in WORKDIR/<overrides> (resumed if it exists); WORKDIR/summary.md and
 WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/training/sweeps.py for
-the sweep file format.
+the sweep file format. A failed run does not stop the others; the command then exits with status 1,
+each failure's traceback in WORKDIR/<overrides>/failure.txt.
 """
 
+import sys
+
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
+from biformer_jax import cli
 from biformer_jax.training import checkpoint, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,9 +40,17 @@ def main(argv):
         return
     rows = sweeps.run_sweep(_CONFIG.value, points, _WORKDIR.value, train_lib.train_and_evaluate)
     md_path, _ = sweeps.write_summary(_WORKDIR.value, rows)
-    with open(md_path) as f:
-        print(f.read(), flush=True)
+    print(epath.Path(md_path).read_text(), flush=True)
+    failed = [row["run"] for row in rows if row["status"] != "ok"]
+    if failed:
+        print(
+            f"error: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); each one's traceback is in "
+            f"its workdir's {sweeps.FAILURE_FILE} (see the status column above).",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -16,7 +16,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import data
+from biformer_jax import cli, data
+from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.training import checkpoint, distributed, preemption, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,7 +55,12 @@ def main(argv):
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         raise  # SystemExit(0)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, train_lib.NonFiniteLossError) as e:
+    except (
+        data.DatasetNotPreparedError,
+        checkpoint.CheckpointError,
+        CheckpointMismatchError,
+        train_lib.NonFiniteLossError,
+    ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -63,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -78,11 +78,14 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.checkpoint.every_steps = -1  # -1: once per epoch
     config.checkpoint.keep = 3
     config.checkpoint.keep_best = True
-    config.checkpoint.best_metric = "eval/top1"
+    config.checkpoint.best_metric = "eval/top1"  # the highest is kept; for a loss, the lowest
     config.checkpoint.asynchronous = True
 
-    config.resume = ""  # another run's train checkpoint (used when the workdir has none)
+    config.resume = ""  # another run's train checkpoint (refused once the workdir has its own)
     config.init_from = ""  # weights to fine-tune from (converter or train checkpoint)
+    # model_kwargs the fine-tune sets differently from config.init_from's checkpoint on purpose
+    # (e.g. ("topks", "n_win")); any other difference stops the run. num_classes may always differ.
+    config.init_from_overrides = ()
 
     # Devices as a (data, fsdp) mesh; -1: all the remaining devices. fsdp > 1 shards every state
     # array of at least fsdp_min_size elements along its largest dimension divisible by fsdp

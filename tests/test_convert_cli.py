@@ -1,15 +1,16 @@
-"""The .pth command-line converter, on real files written by torch (skipped without torch)."""
+"""The .pth command-line converter, on real files written by torch (skipped without it, failed in CI)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import required
 
 from biformer_jax import convert, models
 from biformer_jax.convert.__main__ import main as convert_main
 from biformer_jax.convert.files import load_converted
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed: the .pth command line needs it")
+torch = required.torch("PyTorch is not installed: the .pth command line needs it")
 
 
 def micro_state_dict(**kw):

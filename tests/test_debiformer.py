@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from support.golden import eval_case, recipe_value, require
+from support import required
+from support.golden import beyond_train_bar, eval_case, recipe_value, require, train_case
 
 from biformer_jax import convert, models
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention
@@ -26,6 +27,19 @@ def test_golden_logits_and_routes(case):
     print(summary)
     assert err <= 1e-3, summary
     assert same >= 0.999 * total, summary
+
+
+@pytest.mark.slow
+def test_golden_train_gradients_and_running_stats():
+    """The backward held to the release: ten parameter gradients (the offset networks
+    `conv_offset_q`, i.e. the backward of the deformable sampling, included) and BatchNorm's
+    running statistics after one train-mode forward, at biformer_tiny_train's bar."""
+    logits_err, errors, counts = train_case("debiformer_tiny_train")
+    print(f"logits {logits_err:.1e} (bar 1e-3)", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert logits_err <= 1e-3
+    assert sum("conv_offset_q" in k for k in errors) == 2 and len(errors) >= 10 + 6, sorted(errors)
+    assert not beyond_train_bar(errors), f"beyond the bar: {beyond_train_bar(errors)}"
+    assert counts and all(c == 1 for c in counts)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +172,7 @@ def test_micro_trains_on_digits():
 
 
 def test_grid_sample_matches_pytorch():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: grid_sample reference unavailable")
+    torch = required.torch("PyTorch not installed: grid_sample reference unavailable")
     rng = np.random.default_rng(0)
     image = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)  # (B, H, W, C)
     grid = rng.uniform(-1.2, 1.2, (2, 4, 6, 2)).astype(np.float32)  # beyond the borders too
@@ -217,7 +231,7 @@ def test_topk_breaks_ties_like_torch(row, k, expected):
 
 
 def test_topk_matches_torch_on_random_ties():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: torch.topk reference unavailable")
+    torch = required.torch("PyTorch not installed: torch.topk reference unavailable")
     rng = np.random.default_rng(0)
     for n, k in [(49, 1), (49, 4), (49, 16), (16, 8), (25, 3), (4, 2)]:
         rows = rng.integers(0, 4, (64, n)).astype(np.float32)  # many exact ties
@@ -266,3 +280,9 @@ def test_attention_module_any_size_and_impls():
         outs[impl] = jax.jit(attn.apply)(variables, x)
     assert outs["shift"].shape == x.shape and np.isfinite(outs["shift"]).all()
     np.testing.assert_allclose(outs["shift"], outs["conv"], rtol=1e-5, atol=1e-5)
+    # Off the grid = the same module on the input zero-padded by hand to 12x9, cropped back
+    # (the padded positions take part in attention, as in the release with auto_pad=True).
+    # Measured: identical (difference 0.0).
+    padded = jnp.pad(x, ((0, 0), (0, 1), (0, 2), (0, 0)))  # (1, 12, 9, 16): 3 divides both
+    by_hand = jax.jit(attn.apply)(variables, padded)[:, :11, :7]  # the conv-impl module of the loop
+    np.testing.assert_allclose(outs["conv"], by_hand, rtol=1e-6, atol=1e-6)

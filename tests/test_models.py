@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from support import required
 
 from biformer_jax import models
 from biformer_jax.models.layers import ConvMlp, LayerNormParams, layer_norm
@@ -243,11 +244,12 @@ def test_bfloat16_compute_stays_close():
     a, b = model32.apply(variables, x), model16.apply(variables, x)
     assert b.dtype == jnp.float32  # logits come back in float32
     assert jax.tree_util.tree_leaves(variables["params"])[0].dtype == jnp.float32
-    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
+    # Close, and really bfloat16: measured 4.9e-3 (a float32 run would differ by ~1e-7).
+    assert 1e-4 < np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
 
 
 def test_adaptive_pool_matches_pytorch_bins():
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: AdaptiveAvgPool2d reference unavailable")
+    torch = required.torch("PyTorch not installed: AdaptiveAvgPool2d reference unavailable")
     x = np.random.default_rng(0).standard_normal((2, 3, 7, 5, 4)).astype(np.float32)  # (N, P, h, w, C)
     for out in (1, 2, 3):
         ref_in = torch.from_numpy(x.reshape(6, 7, 5, 4).transpose(0, 3, 1, 2))

@@ -262,13 +262,15 @@ def test_micro_model_train_step_matches_gather():
         for a, b in zip(jax.tree_util.tree_leaves(upd), jax.tree_util.tree_leaves(upd_ref)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         assert rel_l2(np.concatenate([np.ravel(g[k]) for k in names]), flat_ref) < 1e-3, impl
-        # Per parameter: within 1e-4 of its own size, or of 1e-3 of the largest gradient. Convs
-        # feeding train-mode BatchNorm over few positions get gradients that cancel to ~1e-4 of
-        # the largest (exactly 0 for their biases): float32 rounding decides those digits.
-        # A wiring error (wrong region, missing routing-weight gradient) is off by O(1).
+        # Per parameter: within 1e-4 of its own size, or of 1e-5 of the largest gradient. Some
+        # gradients of this loss cancel to rounding noise (~1e-8 to 3e-7 of the largest: the
+        # head, the downsampling convs feeding BatchNorm), where float32 rounding decides every
+        # digit. Measured for 'chunked' (2-core CPU, jax 0.10.2): the largest error of any
+        # parameter is 3.4e-7 of the largest gradient (head.weight). A wiring error (wrong
+        # region, missing routing-weight gradient) is off by O(1).
         for name in names:
             err = np.linalg.norm(np.asarray(g[name], np.float64) - g_ref[name])
-            assert err < max(1e-4 * np.linalg.norm(g_ref[name]), 1e-3 * largest), (impl, name, err)
+            assert err < max(1e-4 * np.linalg.norm(g_ref[name]), 1e-5 * largest), (impl, name, err)
 
 
 def golden_eval(case: str, **overrides):

@@ -14,7 +14,7 @@ from support import train_testlib
 
 from biformer_jax import data, models
 from biformer_jax.convert import files as convert_files
-from biformer_jax.training import checkpoint, eval_lib, sweeps, train_lib
+from biformer_jax.training import checkpoint, eval_lib, restore, sweeps, train_lib
 from biformer_jax.training import metrics as metrics_lib
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -48,6 +48,8 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_
     assert results["top1"] == pytest.approx(final["eval/top1"]) and results["ema"]["top1"] == pytest.approx(
         final["eval_ema/top1"]
     )
+    assert not (ref.path / eval_lib.EVAL_RESULTS_FILE).exists()  # eval.py prints first, then writes
+    eval_lib.write_results(ref.path, results)
     assert json.loads((ref.path / eval_lib.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
 
 
@@ -184,12 +186,16 @@ def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path, micro_config
     variables = train_testlib.random_variables(other)
     convert_files.save_converted(tmp_path / "other", variables, _converter_meta(embed_dim=[8, 32, 64, 128]))
     config = micro_config(init_from=str(tmp_path / "other"))
+    with pytest.raises(restore.ArchitectureMismatchError, match=r"embed_dim: checkpoint \[8, 32, 64, 128\]"):
+        train_lib.train_and_evaluate(config, tmp_path / "ft")
+    # Differences named in init_from_overrides pass the architecture check, not the shape check.
+    config = micro_config(init_from=str(tmp_path / "other"), init_from_overrides=("embed_dim",))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, tmp_path / "ft")
     message = str(err.value)
     assert "wrong shape" in message
     assert "params/downsample_layers_0/0/kernel: checkpoint (3, 3, 3, 4), model (3, 3, 3, 8)" in message
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match the model"):
+    with pytest.raises(restore.ArchitectureMismatchError, match="embed_dim: checkpoint"):
         eval_lib.evaluate_checkpoint(micro_config(), str(tmp_path / "other"))
 
 

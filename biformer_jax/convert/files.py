@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 META_FILE = "biformer_jax.json"
 VARIABLES_DIR = "variables"
@@ -41,12 +40,13 @@ def read_torch_checkpoint(path: str | os.PathLike, weights: str = "model") -> tu
     Official training saves {"model": ..., "optimizer": ..., "model_ema": ..., ...}; `weights`
     chooses the entry. Tensors come back as numpy arrays.
     """
-    path = Path(path)
+    path = epath.Path(path)  # gs://, s3:// or local
     if not path.is_file():
         raise ConversionError(f"{path} does not exist or is not a file.")
     torch = _import_torch()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConversionError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}).") from e
     if _is_state_dict(obj):
@@ -70,27 +70,30 @@ def save_converted(out_dir: str | os.PathLike, variables: Mapping[str, Any], met
     """Writes `variables` (Orbax) and `meta` (JSON) to out_dir, atomically: complete or absent."""
     import orbax.checkpoint as ocp
 
-    out = Path(out_dir).absolute()
+    text = os.fspath(out_dir)
+    out = epath.Path(text if "://" in text else os.path.abspath(text))  # Orbax wants absolute paths
     if out.exists():
         raise ConversionError(f"{out} already exists; choose a new --output (nothing is overwritten).")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / VARIABLES_DIR, dict(variables))
             ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(dict(meta), indent=2) + "\n")
-        os.replace(tmp, out)
+        tmp.rename(out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.rmtree()
 
 
 def load_converted(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a directory written by `save_converted`: (variables as numpy, meta)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    text = os.fspath(path)
+    path = epath.Path(text if "://" in text else os.path.abspath(text))
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise ConversionError(f"{path} is not a converted checkpoint (no {META_FILE}).")

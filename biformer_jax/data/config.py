@@ -13,6 +13,7 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+BAD_IMAGES = ("error", "skip")
 DATASET_KINDS = ("digits", "folder")  # anything else is a TFDS dataset name
 TRAIN_CROPS = ("random_resized", "pad_random", "resize")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -76,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Hold the encoded records of the split in host memory after the first read (small datasets
     # on slow disks; every worker process holds its own copy).
     c.cache = False
+    # An image file that cannot be decoded (truncated, not an image) in a 'folder' dataset:
+    # 'error' stops with its path; 'skip' logs its path and uses the next readable file instead.
+    c.bad_images = "error"
 
     # --- name='digits': scikit-learn's 1797 8x8 handwritten digits, shipped inside the package.
     c.digits = ml_collections.ConfigDict()
@@ -152,6 +156,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     need(len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std need 3 values (RGB).")
     need(all(s > 0 for s in cfg.std), f"std must be positive, got {cfg.std}.")
     need(cfg.workers >= 0 and cfg.threads >= 1 and cfg.prefetch >= 1, "need workers >= 0, threads >= 1, prefetch >= 1.")
+    need(cfg.bad_images in BAD_IMAGES, f"bad_images {cfg.bad_images!r} is not one of {BAD_IMAGES}.")
     if cfg.name == "folder":
         need(bool(cfg.folder), "name='folder' needs folder=<root> (holding <root>/<split>/<class>/<images>).")
     if cfg.name == "digits":

@@ -31,6 +31,10 @@ class DatasetNotPreparedError(FileNotFoundError):
     """The dataset is not where the config points; the message says how to prepare it."""
 
 
+class BadImageError(ValueError):
+    """An image file of the dataset cannot be decoded; the message names it."""
+
+
 class NoRandomAccessError(DatasetNotPreparedError):
     """A TFDS dataset is prepared, but in a format without random access (tfrecord)."""
 
@@ -65,10 +69,14 @@ class ArraySource:
 
 
 class FileSource:
-    """Image files on disk (any PIL format) with their labels."""
+    """Image files on disk (any PIL format) with their labels.
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, cache: bool = False):
-        self.paths, self.labels, self.cache = list(paths), labels, cache
+    A file that cannot be decoded raises BadImageError naming it (`bad_images="error"`), or is
+    logged and replaced by the next readable file of the split, label included ("skip").
+    """
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, cache: bool = False, bad_images: str = "error"):
+        self.paths, self.labels, self.cache, self.bad_images = list(paths), labels, cache, bad_images
         self._cache: dict[int, bytes] = {}
 
     def __len__(self) -> int:
@@ -82,8 +90,28 @@ class FileSource:
             self._cache[i] = data
         return data
 
+    def _decoded(self, i: int) -> Image.Image:
+        try:
+            return _decode(self._bytes(i))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL: UnidentifiedImageError, truncated
+            raise BadImageError(
+                f"Cannot decode the image file {self.paths[i]} ({type(e).__name__}: {e}). Remove or replace it, "
+                "or set data.bad_images='skip' to train without it."
+            ) from e
+
+    def _read_one(self, i: int) -> tuple[Image.Image, int]:
+        for offset in range(len(self)):
+            j = (i + offset) % len(self)
+            try:
+                return self._decoded(j), int(self.labels[j])
+            except BadImageError as e:
+                if self.bad_images != "skip":
+                    raise
+                logging.getLogger(__name__).warning("%s Skipped: using the next file instead.", e)
+        raise BadImageError(f"None of the {len(self)} image files can be decoded (first: {self.paths[0]}).")
+
     def read(self, indices: Sequence[int]) -> list[tuple[Image.Image, int]]:
-        return [(_decode(self._bytes(i)), int(self.labels[i])) for i in indices]
+        return [self._read_one(i) for i in indices]
 
     def __getstate__(self):
         return {**self.__dict__, "_cache": {}}
@@ -351,7 +379,8 @@ def open_source(cfg: ml_collections.ConfigDict, which: str):
             _, paths, labels = scan_folder(cfg.folder, cfg.train_split)
         else:
             _, paths, labels = scan_folder(cfg.folder, default_eval_split(cfg), classes)
-        return FileSource(paths, np.asarray(labels, np.int32), cache=cfg.cache), len(classes)
+        source = FileSource(paths, np.asarray(labels, np.int32), cache=cfg.cache, bad_images=cfg.bad_images)
+        return source, len(classes)
     data_dir = cfg.data_dir or None
     builder = _prepared_tfds(cfg.name, data_dir)
     image_key, label_key = _tfds_keys(builder)

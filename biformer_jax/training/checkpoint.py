@@ -16,10 +16,16 @@ train.py workdir (meaning its latest checkpoint). Restoring checks shapes first 
 `CheckpointMismatchError` listing every missing, unexpected and mis-shaped array;
 `init_variables_from` puts a checkpoint's weights into a fresh state (config.init_from),
 re-initialising a classifier of another size.
+
+Every problem with a checkpoint the user named (none there, a PyTorch file, an item missing, a
+file Orbax cannot read, another model) raises a `CheckpointError`: one message saying what is
+wrong and what to do, which the entry points print without a traceback. Paths go through
+`etils.epath`, so gs://, s3:// and local directories all work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging as std_logging
@@ -41,6 +47,20 @@ VARIABLES_FORMAT = "biformer_jax.variables/1"
 TRAIN_FORMAT = "biformer_jax.train/1"
 META_FILE = "biformer_jax.json"
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as asked; the message says why and what to do."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was named (a typo, a PyTorch file, a directory of something else)."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint exists but cannot be read (a truncated or partly deleted directory)."""
+
+
 MISMATCH_HINT = (
     "Check config.model / config.model_kwargs against the model the checkpoint was made "
     "with (its biformer_jax.json or meta says which), or use a fresh --workdir."
@@ -63,14 +83,32 @@ class CheckpointRef:
 # Finding and reading checkpoints
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an epath.Path: gs://, s3:// and other URLs kept as they are, local paths made absolute.
+
+    Orbax wants absolute paths; `os.path.abspath` on a URL would turn `gs://b/x` into a local
+    `<cwd>/gs:/b/x`.
+    """
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:
     steps = ocp.utils.checkpoint_steps(manager_dir) if manager_dir.is_dir() else []
     return manager_dir / str(max(steps)) if steps else None
 
 
 def resolve(path: str | os.PathLike) -> CheckpointRef:
-    """Which checkpoint `path` means; raises FileNotFoundError with what was expected."""
-    p = epath.Path(os.path.abspath(path))  # Orbax wants absolute paths
+    """Which checkpoint `path` means; raises CheckpointNotFoundError saying what was expected."""
+    p = as_path(path)
+    if p.is_file():
+        hint = (
+            f" A PyTorch checkpoint must be converted first: python -m biformer_jax.convert --input={p} "
+            "--model=<name> --output=DIR, then use DIR."
+            if p.suffix in (".pth", ".pt", ".bin", ".tar")
+            else ""
+        )
+        raise CheckpointNotFoundError(f"{p} is a file, not a checkpoint directory.{hint}")
     if (p / META_FILE).exists():
         return CheckpointRef("variables", p)
     if (p / "variables").is_dir() and (p / "meta").is_dir():
@@ -79,27 +117,45 @@ def resolve(path: str | os.PathLike) -> CheckpointRef:
         step_dir = _latest_step_dir(manager_dir)
         if step_dir is not None:
             return CheckpointRef("train", step_dir, int(step_dir.name))
-    raise FileNotFoundError(
-        f"No checkpoint at {p}. Expected a converter checkpoint (DIR/{META_FILE} + DIR/variables/), "
+    missing = "" if p.exists() else " (no such directory)"
+    raise CheckpointNotFoundError(
+        f"No checkpoint at {p}{missing}. Expected a converter checkpoint (DIR/{META_FILE} + DIR/variables/), "
         f"a train.py workdir (WORKDIR/{CHECKPOINT_SUBDIR}/<step>/), or one of its step directories."
     )
 
 
+@contextlib.contextmanager
+def _reading(path: epath.Path):
+    """Turns any failure to read `path` (Orbax, tensorstore, JSON, a missing file) into a CheckpointReadError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001  (what Orbax raises for a damaged file varies by backend)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointReadError(
+            f"Cannot read the checkpoint {path}: {type(e).__name__}: {first[:300]}. The directory is damaged "
+            "or incomplete; use another checkpoint (the previous step of its workdir) or re-create it."
+        ) from e
+
+
 def _read_train_meta(step_dir: epath.Path) -> dict[str, Any]:
-    return json.loads((step_dir / "meta" / "metadata").read_text())
+    with _reading(step_dir / "meta"):
+        return json.loads((step_dir / "meta" / "metadata").read_text())
 
 
 def load_meta(path: str | os.PathLike | CheckpointRef) -> dict[str, Any]:
     """The checkpoint's description: format, model, model_kwargs (and step for train ones)."""
     ref = path if isinstance(path, CheckpointRef) else resolve(path)
     if ref.kind == "variables":
-        meta = json.loads((ref.path / META_FILE).read_text())
+        with _reading(ref.path / META_FILE):
+            meta = json.loads((ref.path / META_FILE).read_text())
         expected = VARIABLES_FORMAT
     else:
         meta = _read_train_meta(ref.path)
         expected = TRAIN_FORMAT
     if meta.get("format") != expected:
-        raise ValueError(f"{ref.path}: checkpoint format {meta.get('format')!r}, expected {expected!r}.")
+        raise CheckpointError(f"{ref.path}: checkpoint format {meta.get('format')!r}, expected {expected!r}.")
     return meta
 
 
@@ -107,8 +163,9 @@ def saved_shapes(ref: CheckpointRef, item: str = "variables") -> dict[str, Any]:
     """The saved arrays of one item as ShapeDtypeStructs (no data read)."""
     item_dir = ref.path / item
     if not item_dir.is_dir():
-        raise FileNotFoundError(f"{ref.path} has no {item!r} item.")
-    tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
+        raise CheckpointNotFoundError(f"{ref.path} has no {item!r} item: it is not a complete checkpoint.")
+    with _reading(item_dir):
+        tree = ocp.StandardCheckpointer().metadata(item_dir).item_metadata.tree
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
@@ -164,12 +221,14 @@ def load_variables(
     item = "ema_variables" if ema else "variables"
     item_dir = ref.path / item
     if not item_dir.is_dir():
-        raise FileNotFoundError(f"{ref.path} has no {item!r} (EMA weights are only in train checkpoints with EMA).")
+        raise CheckpointNotFoundError(
+            f"{ref.path} has no {item!r} (EMA weights are only in train checkpoints with EMA)."
+        )
     checkpointer = ocp.StandardCheckpointer()
-    if abstract is None:
-        return checkpointer.restore(item_dir)
-    check_compatible(ref, abstract, what="the model", item=item)
-    return checkpointer.restore(item_dir, abstract)
+    if abstract is not None:
+        check_compatible(ref, abstract, what="the model", item=item)
+    with _reading(item_dir):
+        return checkpointer.restore(item_dir) if abstract is None else checkpointer.restore(item_dir, abstract)
 
 
 def init_variables_from(path: str | os.PathLike, state: TrainState, shardings: TrainState) -> TrainState:
@@ -234,13 +293,25 @@ def init_variables_from(path: str | os.PathLike, state: TrainState, shardings: T
 # train.py's CheckpointManager
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller `metric` is better: losses and errors are, accuracies ("top1", "top5") are not."""
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return "loss" in leaf or "err" in leaf
+
+
 def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) -> ocp.CheckpointManager:
-    """Keeps the last `ckpt_cfg.keep` checkpoints and the best one by `best_metric` (if set)."""
+    """Keeps the last `ckpt_cfg.keep` checkpoints and the best one by `best_metric` (if set).
+
+    The best is the highest value, or the lowest for a loss or error (`lower_is_better`).
+    """
     policies: list = [checkpoint_managers.LatestN(n=max(1, int(ckpt_cfg.keep)))]
     if ckpt_cfg.keep_best and best_metric:
         policies.append(
             checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], n=1, keep_checkpoints_without_metrics=False
+                get_metric_fn=lambda metrics: metrics[best_metric],
+                reverse=lower_is_better(best_metric),  # BestN keeps the end of the sorted list
+                n=1,
+                keep_checkpoints_without_metrics=False,
             )
         )
     options = ocp.CheckpointManagerOptions(
@@ -250,7 +321,7 @@ def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) ->
         create=True,
     )
     return ocp.CheckpointManager(
-        epath.Path(os.path.abspath(workdir)) / CHECKPOINT_SUBDIR,  # Orbax wants absolute paths
+        as_path(workdir) / CHECKPOINT_SUBDIR,
         item_handlers={
             **{name: _array_tree_handler() for name in ARRAY_ITEMS},
             "meta": ocp.JsonCheckpointHandler(),
@@ -317,15 +388,22 @@ def restore_train_state(ref: CheckpointRef, abstract_state: TrainState) -> Train
     differences instead of an Orbax error.
     """
     if ref.kind != "train":
-        raise ValueError(
+        raise CheckpointError(
             f"{ref.path} holds model variables only (no optimiser state): use config.init_from "
             "to start from it, not a resume."
+        )
+    if not has_item(ref, "train"):
+        raise CheckpointNotFoundError(
+            f"{ref.path} has no 'train' item (optimiser state): it cannot be resumed. Use config.init_from "
+            "to start from its weights."
         )
     check_compatible(ref, abstract_state.variables, what="the configured model", item="variables")
     check_compatible(ref, _train_item(abstract_state), what="the configured optimiser state", item="train")
     checkpointer = ocp.StandardCheckpointer()
-    variables = checkpointer.restore(ref.path / "variables", abstract_state.variables)
-    train = checkpointer.restore(ref.path / "train", _train_item(abstract_state))
+    with _reading(ref.path / "variables"):
+        variables = checkpointer.restore(ref.path / "variables", abstract_state.variables)
+    with _reading(ref.path / "train"):
+        train = checkpointer.restore(ref.path / "train", _train_item(abstract_state))
     state = abstract_state.replace(
         step=train["step"],
         params=variables["params"],
@@ -335,7 +413,8 @@ def restore_train_state(ref: CheckpointRef, abstract_state: TrainState) -> Train
     )
     if abstract_state.has_ema:
         if has_item(ref, "ema_variables"):
-            ema = checkpointer.restore(ref.path / "ema_variables", abstract_state.ema_variables)
+            with _reading(ref.path / "ema_variables"):
+                ema = checkpointer.restore(ref.path / "ema_variables", abstract_state.ema_variables)
         else:  # EMA switched on after the checkpoint: start it from the weights
             ema = jax.tree.map(lambda x: x.copy(), variables)
         state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])

@@ -12,10 +12,11 @@ from typing import Any
 
 import jax
 from absl import logging
+from etils import epath
 
 from biformer_jax import data
-from biformer_jax.models.from_config import abstract_variables, model_from_config
-from biformer_jax.training import checkpoint, sharding, steps
+from biformer_jax.models.from_config import abstract_variables, model_from_config, model_meta
+from biformer_jax.training import checkpoint, restore, sharding, steps
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -60,30 +61,38 @@ def evaluate(
     return {k: float(v) for k, v in collected.compute().items()}
 
 
-def _write_json_atomically(path: str, record: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path:
+    """Writes `record` as JSON at `path` (gs://, s3:// or local; a directory gets eval_results.json).
+
+    Written to a temporary sibling and renamed, so `path` is never half-written. Raises OSError
+    (or the filesystem's error) where it cannot write.
+    """
+    target = checkpoint.as_path(path)
+    if target.is_dir():
+        target = target / EVAL_RESULTS_FILE
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    try:
+        tmp.rename(target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return target
 
 
 def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
     """Top-1/top-5/loss of a checkpoint's weights (and of its EMA weights when it has them).
 
     Returns {"top1", "top5", "loss", "num_examples", "checkpoint", "step", "model"} plus "ema":
-    {...} for train checkpoints with EMA, and writes the same to `eval_results.json` in the
-    checkpoint's directory.
+    {...} for train checkpoints with EMA; `write_results` saves it (eval.py prints it first). A
+    checkpoint of another architecture than the config's raises ArchitectureMismatchError.
     """
     mesh = sharding.create_mesh(config.mesh)
     info = data.dataset_info(config.data)
     model = model_from_config(config, info.num_classes)
     ref = checkpoint.resolve(checkpoint_path)
-    meta = checkpoint.load_meta(ref)
-    if meta.get("model") != config.model:
-        logging.warning(
-            "The checkpoint was made for %r; evaluating it as config.model=%r.", meta.get("model"), config.model
-        )
+    restore.check_architecture(ref, model_meta(config, info.num_classes), what="--checkpoint")
     abstract = abstract_variables(model, info.image_size)
     shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp_min_size)
     eval_step = make_eval_step(model, mesh, shardings)
@@ -101,6 +110,4 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
         results["ema"] = evaluate(
             eval_step, ema, config=config, mesh=mesh, num_examples=info.num_eval_examples, desc="eval (EMA)"
         )
-    if jax.process_index() == 0:
-        _write_json_atomically(os.path.join(ref.path, EVAL_RESULTS_FILE), results)
     return results

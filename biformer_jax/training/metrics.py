@@ -16,6 +16,7 @@ import flax
 import jax
 import numpy as np
 from clu import metric_writers, metrics
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,12 +52,12 @@ class JsonlWriter(metric_writers.MetricWriter):
     """Appends every scalar write to a JSON-lines file (one object per step)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.path = epath.Path(path)  # gs://, s3:// or local
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def write_summaries(self, step, values, metadata=None):
@@ -87,20 +88,23 @@ class JsonlWriter(metric_writers.MetricWriter):
         pass
 
 
-def create_writer(workdir: str, *, process_index: int) -> metric_writers.MetricWriter:
+def create_writer(workdir: str | os.PathLike, *, process_index: int) -> metric_writers.MetricWriter:
     """TensorBoard + logging on process 0 (logging only elsewhere), plus metrics.jsonl on process 0."""
-    writer = metric_writers.create_default_writer(workdir, just_logging=process_index > 0, asynchronous=False)
+    writer = metric_writers.create_default_writer(
+        os.fspath(workdir), just_logging=process_index > 0, asynchronous=False
+    )
     if process_index > 0:
         return writer
-    return metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+    return metric_writers.MultiWriter([writer, JsonlWriter(epath.Path(workdir) / METRICS_FILE)])
 
 
 def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, Any]]:
     """step -> merged metrics of every line for that step (later lines win)."""
     out: dict[int, dict[str, Any]] = {}
-    if not os.path.exists(path):
+    path = epath.Path(path)
+    if not path.exists():
         return out
-    with open(path) as f:
+    with path.open() as f:
         for line in f:
             line = line.strip()
             if line:

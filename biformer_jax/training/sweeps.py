@@ -12,24 +12,31 @@ Names are config paths (a leading "config." is accepted). Each run trains in
 ROOT/<name>, its directory named after its overrides ("optim.lr=0.001,seed=0"), so re-running
 the sweep resumes unfinished runs and skips finished ones; the summary (ROOT/summary.md and
 ROOT/summary.csv) lists every run's final and best eval metrics, read from its metrics.jsonl.
+A run that raises is recorded and the sweep goes on: its traceback is written to
+ROOT/<name>/failure.txt, its summary status names that file, and sweep.py exits non-zero.
+Paths go through etils.epath (gs://, s3:// or local).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import itertools
 import os
 import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from biformer_jax.training import metrics as metrics_lib
 
 Point = dict[str, Any]
+FAILURE_FILE = "failure.txt"
 
 
 def sweep(name: str, values: Sequence[Any]) -> list[Point]:
@@ -102,7 +109,7 @@ def apply_overrides(config: ml_collections.ConfigDict, point: Mapping[str, Any])
 
 def run_summary(workdir: str) -> dict[str, Any]:
     """The last eval metrics of a run, and its best eval/top1, from its metrics.jsonl."""
-    records = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))
+    records = metrics_lib.read_jsonl(epath.Path(workdir) / metrics_lib.METRICS_FILE)
     evals = {step: {k: v for k, v in r.items() if k.startswith("eval")} for step, r in records.items()}
     evals = {step: r for step, r in evals.items() if r}
     if not evals:
@@ -120,22 +127,41 @@ def write_summary(root: str, rows: Sequence[Mapping[str, Any]]) -> tuple[str, st
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    csv_path, md_path = os.path.join(root, "summary.csv"), os.path.join(root, "summary.md")
+    root_path = epath.Path(root)
+    csv_path, md_path = root_path / "summary.csv", root_path / "summary.md"
 
     def cell(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
-    with open(csv_path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_replacing(csv_path, text.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    with open(md_path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(md_path + ".tmp", md_path)
-    return md_path, csv_path
+    _write_replacing(md_path, "\n".join(lines) + "\n")
+    return os.fspath(md_path), os.fspath(csv_path)
+
+
+def _write_replacing(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f"{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _record_failure(workdir: epath.Path, error: BaseException) -> str:
+    """Writes the traceback of a failed run into its workdir; the summary status naming that file."""
+    headline = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if jax.process_index() != 0:
+        return f"failed: {headline}"
+    path = workdir / FAILURE_FILE
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(error)))
+    except Exception as e:  # noqa: BLE001  (the workdir itself may be what failed)
+        return f"failed: {headline} (traceback not written: {type(e).__name__}: {e})"
+    return f"failed: {headline} (traceback in {path})"
 
 
 def run_sweep(
@@ -149,15 +175,16 @@ def run_sweep(
     names = [name for name, _, _ in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"Two sweep points give the same run name: {names}.")
-    os.makedirs(root, exist_ok=True)
+    root_path = epath.Path(root)
+    root_path.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, point, run_config in configs:
-        workdir = os.path.join(root, name)
+        workdir = root_path / name
         status = "ok"
         try:
-            train_fn(run_config, workdir)
+            train_fn(run_config, os.fspath(workdir))
         except Exception as e:  # noqa: BLE001  (one failed run must not lose the others)
-            status = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            status = _record_failure(workdir, e)
         rows.append({"run": name, **point, **run_summary(workdir), "status": status})
         if jax.process_index() == 0:
             write_summary(root, rows)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from clu import parameter_overview, periodic_actions
 from biformer_jax import data
 from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
-from biformer_jax.training import checkpoint, eval_lib, optim, preemption, sharding, steps
+from biformer_jax.training import checkpoint, eval_lib, optim, preemption, restore, sharding, steps
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
 
@@ -60,25 +59,35 @@ def _init_compiler_options() -> dict[str, Any]:
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
-def initial_state(config, manager, init_fn, abstract: TrainState, shardings: TrainState) -> TrainState:
-    """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch."""
+def initial_state(
+    config, manager, init_fn, abstract: TrainState, shardings: TrainState, *, meta: dict[str, Any] | None = None
+) -> TrainState:
+    """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch.
+
+    `meta` is the config's model record (`Setup.meta`; computed when not given). Every source is
+    checked against it first: a checkpoint of another architecture stops the run with the list of
+    differences (`restore.ArchitectureMismatchError`).
+    """
+    if meta is None:
+        meta = from_config.model_meta(config, data.dataset_info(config.data).num_classes)
+    restore.check_own_checkpoint(config, manager, meta)  # before anything is read or compiled
     abstract_sharded = sharding.with_shardings(abstract, shardings)
-    latest = manager.latest_step()
-    if latest is not None:
-        ref = checkpoint.CheckpointRef("train", manager.directory / str(latest), latest)
-        logging.info("Resuming from this workdir's checkpoint at step %d (%s).", latest, ref.path)
-        return checkpoint.restore_train_state(ref, abstract_sharded)
+    state = restore.restore_latest(manager, abstract_sharded)
+    if state is not None:
+        logging.info("Resumed from this workdir's checkpoint at step %d.", int(jax.device_get(state.step)))
+        return state
     if config.resume:
-        ref = checkpoint.resolve(config.resume)
+        ref = restore.resume_ref(config, meta)
         logging.info("Resuming from config.resume=%s (step %s).", ref.path, ref.step)
         return checkpoint.restore_train_state(ref, abstract_sharded)
+    init_ref = restore.init_from_ref(config, meta) if config.init_from else None  # before the compile
     # The seed is an argument, not a constant, so runs that differ only in seed share one compile.
     seed = np.int32(config.seed)
     state = (
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
-    if config.init_from:
-        return checkpoint.init_variables_from(config.init_from, state, shardings)
+    if init_ref is not None:
+        return checkpoint.init_variables_from(init_ref.path, state, shardings)
     logging.info("Starting from scratch (seed %d).", config.seed)
     return state
 
@@ -99,7 +108,7 @@ def _hparams(config) -> dict[str, Any]:
 
 
 def _last_eval(workdir: str, step: int) -> dict[str, float]:
-    record = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE)).get(step, {})
+    record = metrics_lib.read_jsonl(checkpoint.as_path(workdir) / metrics_lib.METRICS_FILE).get(step, {})
     return {k: v for k, v in record.items() if k.startswith("eval")}
 
 
@@ -136,8 +145,13 @@ def setup(config, devices: list | None = None) -> Setup:
         mesh=mesh,
         info=info,
         model=model,
-        # The model, and its input for predict.py / export (data.record): eval preprocessing, class names.
-        meta={**from_config.model_meta(config, info.num_classes), "data": data_record(config.data)},
+        # The model, its input for predict.py / export (data.record: eval preprocessing, class names),
+        # and the resume path this workdir started from.
+        meta={
+            **from_config.model_meta(config, info.num_classes),
+            "data": data_record(config.data),
+            "resume": config.resume,
+        },
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,
@@ -202,9 +216,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     The returned dict holds "eval/top1", "eval/top5", "eval/loss" (and "eval_ema/..." with EMA).
     """
-    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
+    workdir = checkpoint.as_path(workdir)  # gs://, s3:// or local (made absolute: Orbax needs that)
     run = setup(config)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
     manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
     try:
@@ -218,7 +232,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
     mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
-    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, meta=run.meta)
     first_step = int(jax.device_get(state.step))
 
     writer = metrics_lib.create_writer(workdir, process_index=jax.process_index())

@@ -14,7 +14,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from support import required
 
 GOLDEN_DIR = Path(os.environ.get("BIFORMER_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
 
@@ -87,6 +88,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "debiformer_tiny": ("debiformer_tiny", {}),
     "debiformer_small": ("debiformer_small", {}),
     "debiformer_base": ("debiformer_base", {}),
+    "debiformer_tiny_train": ("debiformer_tiny", {}),
 }
 
 
@@ -139,8 +141,14 @@ class GoldenCase:
 
 
 def require(case: str) -> GoldenCase:
-    if not (GOLDEN_DIR / f"{case}.npz").exists():
-        pytest.skip(f"golden case {case} not found under {GOLDEN_DIR} (set BIFORMER_GOLDEN_DIR)")
+    """The case's data; a missing file skips the test, or fails it under BIFORMER_REQUIRE_GOLDEN=1 (CI)."""
+    for name in (f"{case}.npz", f"{case}.manifest.json"):
+        if not (GOLDEN_DIR / name).exists():
+            required.missing(
+                f"golden file {name} not found under {GOLDEN_DIR} (put shared/golden beside the repository "
+                "or set BIFORMER_GOLDEN_DIR)",
+                required.GOLDEN_ENV,
+            )
     return GoldenCase(case)
 
 
@@ -161,6 +169,55 @@ def route_agreement(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[i
         same += int(rows.sum())
         total += rows.size
     return same, total
+
+
+def train_case(case: str) -> tuple[float, dict[str, float], list[int]]:
+    """Runs a train case through the calling convention of golden/README.md.
+
+    One train-mode forward (BatchNorm on batch statistics) and the gradient of
+    sum(logits * cotangent). Returns (logits relative L2 error, {"<grad key>" or
+    "after/<running stat>": relative L2 error}, every BatchNorm's num_batches_tracked).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from biformer_jax import convert, models
+
+    g = require(case)
+    model = models.create_model(g.model_name, **g.kwargs)
+    variables = convert.from_torch_state_dict(g.state_dict(), model)
+    x, cotangent = jnp.asarray(g.input_nhwc()), jnp.asarray(g.data["cotangent"])
+    key = jax.random.key(0)
+
+    @jax.jit
+    def grads_and_stats(params, batch_stats):
+        def loss(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": key, "drop_path": key},
+            )
+            return jnp.sum(logits * cotangent), (logits, updates)
+
+        (_, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return logits, grads, updates
+
+    logits, grads, updates = grads_and_stats(variables["params"], variables["batch_stats"])
+    named = convert.to_torch_state_dict({"params": grads, **updates})
+    errors = {k: rel_l2(named[k], g.data[f"grad/{k}"]) for k in g.manifest["grad_keys"]}
+    for name in g.data.files:
+        if name.startswith("after/"):
+            errors[name] = rel_l2(named[name[len("after/") :]], g.data[name])
+    counts = [int(v) for k, v in named.items() if k.endswith("num_batches_tracked")]
+    assert np.isfinite(np.asarray(logits)).all()
+    return rel_l2(logits, g.data["logits"]), errors, counts
+
+
+def beyond_train_bar(errors: dict[str, float]) -> dict[str, float]:
+    """golden/README.md's bar for train cases: gradients within 1e-3, running statistics within 1e-2."""
+    return {k: v for k, v in errors.items() if v > (1e-2 if k.startswith("after/") else 1e-3)}
 
 
 def eval_case(case: str) -> tuple[float, int, int]:

@@ -1,0 +1,63 @@
+"""A model's architecture as a comparable record: what a checkpoint's `model` + `model_kwargs` build.
+
+Checkpoints record the `create_model` name and the keyword arguments they were made with.
+`architecture(name, kwargs)` builds the module (no weights) and reads back every constructor
+field, defaults included, so `biformer_tiny` and `biformer` with BiFormer-T's arguments compare
+equal, and a setting that keeps every array shape (`topks`, `n_win`, `pre_norm`, `soft_routing`,
+`auto_pad`, `qk_scale`, ...) still shows as a difference. Fields that do not change the function
+the weights compute are left out: compute dtype, rematerialisation, drop rates, initial values
+and implementation choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# Constructor fields that leave the trained function unchanged (how it is computed or trained).
+NOT_ARCHITECTURE = frozenset(
+    {
+        "parent",
+        "name",
+        "dtype",
+        "param_dtype",
+        "use_checkpoint_stages",
+        "drop_path_rate",
+        "drop_rate",
+        "layer_scale_init_value",  # only the initial value: its presence shows in the arrays
+        "attn_impl",
+        "dwconv_impl",
+        "features_only",
+    }
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def architecture(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every architecture field of `create_model(name, **kwargs)`, defaults filled in."""
+    from biformer_jax import models  # here, not at import: models imports this package
+
+    module = models.create_model(name, **dict(kwargs))
+    fields = [f for f in type(module).__dataclass_fields__ if f not in NOT_ARCHITECTURE]
+    return {"class": type(module).__name__, **{f: _plain(getattr(module, f)) for f in fields}}
+
+
+def differences(recorded: Mapping[str, Any], configured: Mapping[str, Any], *, allow: Iterable[str] = ()) -> list[str]:
+    """'field: checkpoint X, config Y' for every architecture field that differs.
+
+    `recorded` and `configured` are {"model": name, "model_kwargs": {...}} records (a
+    checkpoint's meta, `model_meta(config, ...)`); fields named in `allow` are not compared.
+    """
+    theirs = architecture(recorded["model"], recorded.get("model_kwargs", {}))
+    ours = architecture(configured["model"], configured.get("model_kwargs", {}))
+    allowed = set(allow)
+    return [
+        f"{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}"
+        for key in sorted(set(theirs) | set(ours))
+        if key not in allowed and theirs.get(key) != ours.get(key)
+    ]
