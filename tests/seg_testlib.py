@@ -15,6 +15,7 @@ class StandInSeg(nn.Module):
 
     num_classes: int = 5
     width: int = 16
+    auxiliary_head: bool = False  # as the real models: an extra head whose logits return_aux adds
 
     @nn.compact
     def __call__(self, x, train: bool = False, return_aux: bool = False):
@@ -22,7 +23,10 @@ class StandInSeg(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(nn.Conv(self.width, (3, 3))(nn.relu(x)))
         logits = nn.Conv(self.num_classes, (1, 1))(x).astype(jnp.float32)
-        return (logits, None) if return_aux else logits
+        if self.auxiliary_head and (return_aux or self.is_initializing()):
+            aux = nn.Conv(self.num_classes, (1, 1), name="aux")(x).astype(jnp.float32)
+            return (logits, aux) if return_aux else logits
+        return logits
 
 
 def write_mini_ade(root: Path, sizes: dict[str, list[tuple[int, int]]], num_classes: int = 150, seed: int = 0) -> Path:

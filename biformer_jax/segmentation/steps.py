@@ -36,21 +36,22 @@ def seg_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int
 
 
 def _loss_and_grads(params, batch_stats, images, labels, rngs, *, model, loss_cfg):
+    has_aux = bool(getattr(model, "auxiliary_head", False))  # UperNet's FCN head
+
     def loss_fn(params):
-        (logits, aux), updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
-            images,
-            train=True,
-            return_aux=True,
-            mutable=["batch_stats"],
-            rngs=rngs,
-        )
-        kw = dict(ignore_index=loss_cfg["ignore_index"], avg_non_ignore=loss_cfg["avg_non_ignore"])
-        decode = seg_cross_entropy(logits, labels, **kw)
+        variables = {"params": params, "batch_stats": batch_stats}
+        kw = dict(train=True, mutable=["batch_stats"], rngs=rngs)
+        if has_aux:
+            (logits, aux), updates = model.apply(variables, images, return_aux=True, **kw)
+        else:
+            logits, updates = model.apply(variables, images, **kw)
+            aux = None
+        ce = dict(ignore_index=loss_cfg["ignore_index"], avg_non_ignore=loss_cfg["avg_non_ignore"])
+        decode = seg_cross_entropy(logits, labels, **ce)
         loss = decode
         aux_loss = jnp.zeros((), jnp.float32)
         if aux is not None and loss_cfg["aux_weight"] > 0:
-            aux_loss = seg_cross_entropy(aux, labels, **kw)
+            aux_loss = seg_cross_entropy(aux, labels, **ce)
             loss = loss + loss_cfg["aux_weight"] * aux_loss
         return loss, (updates["batch_stats"], decode, aux_loss)
 
