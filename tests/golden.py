@@ -87,6 +87,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "debiformer_tiny": ("debiformer_tiny", {}),
     "debiformer_small": ("debiformer_small", {}),
     "debiformer_base": ("debiformer_base", {}),
+    # Segmentation cases (golden/README.md "Segmentation cases"): the official configs' models.
+    "sfpn_biformer_small": ("sfpn_biformer_small", {}),
+    "upernet_biformer_small": ("upernet_biformer_small", {}),
+    "sfpn_debiformer_small": ("sfpn_debiformer_small", {}),
 }
 
 

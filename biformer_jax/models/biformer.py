@@ -61,6 +61,7 @@ class Block(nn.Module):
     before_attn_dwconv: int = 3
     pre_norm: bool = True
     auto_pad: bool = False
+    routing_ties: str = "xla"
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
@@ -85,6 +86,7 @@ class Block(nn.Module):
                 soft_routing=self.soft_routing,
                 side_dwconv=self.side_dwconv,
                 auto_pad=self.auto_pad,
+                topk_ties=self.routing_ties,
                 attn_impl=self.attn_impl,
                 dwconv_impl=self.dwconv_impl,
                 **kw,
@@ -177,8 +179,11 @@ class BiFormer(nn.Module):
 
     Extensions: `qk_dims` entries may be None (meaning the stage width), `dtype` is the
     compute dtype, `attn_impl` / `dwconv_impl` pick implementations of the same function,
-    `features_only` makes the model a backbone returning the four stage maps, and
-    `drop_rate` is dropout before the classifier (the official constructor ignores it).
+    `features_only` makes the model a backbone returning the four stage maps,
+    `drop_rate` is dropout before the classifier (the official constructor ignores it), and
+    `routing_ties` ('xla' or 'torch') is how the routers break exact score ties, which
+    regions made only of auto_pad padding produce: 'torch' picks the regions the official
+    code picks on CPU (see `DeBiFormer`), 'xla' is faster; the outputs are the same.
 
     Call: `model.apply(variables, x_nhwc, train=False, return_features=False)` gives logits
     (N, num_classes), or `(logits, [f1, f2, f3, f4])` with `return_features=True`; stage i
@@ -216,6 +221,7 @@ class BiFormer(nn.Module):
     param_attention: str = "qkvo"
     mlp_dwconv: bool = False
     # --- JAX-side options -----------------------------------------------------------
+    routing_ties: str = "xla"
     features_only: bool = False
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
@@ -295,6 +301,7 @@ class BiFormer(nn.Module):
                     before_attn_dwconv=self.before_attn_dwconv,
                     pre_norm=self.pre_norm,
                     auto_pad=self.auto_pad,
+                    routing_ties=self.routing_ties,
                     attn_impl=self.attn_impl,
                     dwconv_impl=self.dwconv_impl,
                     dtype=dt,

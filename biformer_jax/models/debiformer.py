@@ -86,6 +86,7 @@ class DeBiFormerBlock(nn.Module):
     pre_norm: bool = True
     auto_pad: bool = False  # accepted; the attention always pads
     settings: Optional[DeformSettings] = None
+    all_regions_topk: Optional[int] = None  # topk -2 routes to this many regions (None: n_win**2)
     routing_ties: str = "torch"
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
@@ -117,7 +118,8 @@ class DeBiFormerBlock(nn.Module):
 
     def deformable(self, topk: int, name: str) -> DeBiLevelRoutingAttention:
         settings = self.settings if self.settings is not None else deform_settings(self.param_size, self.dim)
-        topk = self.n_win * self.n_win if topk == -2 else topk
+        if topk == -2:
+            topk = self.all_regions_topk or self.n_win * self.n_win
         return DeBiLevelRoutingAttention(
             topk=topk, param_size=self.param_size, settings=settings, name=name, **self._routing_kwargs()
         )
@@ -194,7 +196,9 @@ class DeBiFormer(nn.Module):
     gives the same outputs (tied regions hold identical keys and values); `qk_dims` entries
     may be None (the stage width); `features_only`, `attn_impl`, `dwconv_impl`, `dtype` and
     `param_dtype` as in `BiFormer`; `drop_rate` is dropout before the classifier (the release
-    ignores it). `auto_pad` is accepted and has no effect: the attention always pads to the
+    ignores it); `all_regions_topk` is how many regions the topk -2 blocks route to (None: all
+    n_win**2, the classifier's 49 at n_win 7; the released segmentation backbone hard-codes 49
+    at n_win 8, i.e. 49 of 64). `auto_pad` is accepted and has no effect: the attention always pads to the
     region grid.
 
     Call: `model.apply(variables, x_nhwc, train=False, return_features=False)` gives logits
@@ -235,6 +239,7 @@ class DeBiFormer(nn.Module):
     mlp_dwconv: bool = False
     # --- JAX-side options -----------------------------------------------------------
     deform_settings: Optional[Sequence[Sequence[int]]] = None
+    all_regions_topk: Optional[int] = None
     routing_ties: str = "torch"
     features_only: bool = False
     attn_impl: str = "auto"
@@ -272,6 +277,12 @@ class DeBiFormer(nn.Module):
             )
         if self.pe not in (None, "none"):
             raise ValueError(f"pe={self.pe!r}: the release only accepts None / 'none'.")
+        regions = self.n_win * self.n_win
+        if self.all_regions_topk is not None and not 0 < self.all_regions_topk <= regions:
+            raise ValueError(
+                f"all_regions_topk={self.all_regions_topk}: the topk -2 blocks route to between 1 and "
+                f"n_win**2 = {regions} regions; use a value in that range or None for all of them."
+            )
         for i, (dim, qk) in enumerate(zip(self.embed_dim, self.qk_dims)):
             check_block_topk(self.topks[i])
             qk = qk or dim
@@ -325,6 +336,7 @@ class DeBiFormer(nn.Module):
                     pre_norm=self.pre_norm,
                     auto_pad=self.auto_pad,
                     settings=settings[i],
+                    all_regions_topk=self.all_regions_topk,
                     routing_ties=self.routing_ties,
                     attn_impl=self.attn_impl,
                     dwconv_impl=self.dwconv_impl,
