@@ -10,7 +10,7 @@ For one test view (the image resized to the test scale x ratio, maybe flipped):
 then resized to the label's size (the original image size) and, for a flipped view, flipped
 back. With one view the prediction is the argmax of those logits; with several (multi-scale
 and/or flip) the softmax outputs of all views are averaged first, as mmseg's aug_test does.
-Every resize is bilinear with align_corners=False and no antialiasing (PyTorch's).
+Every resize is bilinear with align_corners=False and no antialiasing (PyTorch's, ops/resize.py).
 
 The network runs once per distinct input shape (jit caches it); the final resize runs with
 gather taps passed as arrays and padded to a bucket of 64 pixels, so images of any size share a
@@ -27,28 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biformer_jax.data.seg_transforms import _linear_taps
+from biformer_jax.ops.resize import linear_taps, resize_bilinear
 
 _BUCKET = 64
 
 
-def resize_bilinear(x: jax.Array, size_hw: tuple[int, int]) -> jax.Array:
-    """(N, h, w, C) -> (N, H, W, C): PyTorch's bilinear, align_corners=False, no antialiasing."""
-    h, w = size_hw
-    if x.shape[1:3] == (h, w):
-        return x
-    y0, y1, wy = _linear_taps(x.shape[1], h)
-    x0, x1, wx = _linear_taps(x.shape[2], w)
-    return _apply_taps(x, (y0, y1, wy), (x0, x1, wx))
-
-
 def _apply_taps(x: jax.Array, taps_y, taps_x) -> jax.Array:
-    y0, y1, wy = taps_y
-    x0, x1, wx = taps_x
-    wy = jnp.asarray(wy, x.dtype)[None, :, None, None]
-    wx = jnp.asarray(wx, x.dtype)[None, None, :, None]
-    rows = jnp.take(x, y0, axis=1) * (1 - wy) + jnp.take(x, y1, axis=1) * wy  # (N, H, w, C)
-    return jnp.take(rows, x0, axis=2) * (1 - wx) + jnp.take(rows, x1, axis=2) * wx  # (N, H, W, C)
+    """Bilinear resize of (N, h, w, C) by per-axis taps (i0, i1, w0, w1) given as arrays."""
+    y0, y1, wy0, wy1 = taps_y
+    x0, x1, wx0, wx1 = taps_x
+    rows = jnp.take(x, y0, axis=1) * wy0[None, :, None, None] + jnp.take(x, y1, axis=1) * wy1[None, :, None, None]
+    return jnp.take(rows, x0, axis=2) * wx0[None, None, :, None] + jnp.take(rows, x1, axis=2) * wx1[None, None, :, None]
 
 
 def slide_windows(
@@ -95,9 +84,8 @@ def view_logits(variables, image: jax.Array, *, model, mode: str, crop, stride, 
 
 def _label_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Taps to resize src -> dst, padded to a multiple of _BUCKET outputs (padding reads index 0)."""
-    i0, i1, w = _linear_taps(src, dst)
     pad = math.ceil(dst / _BUCKET) * _BUCKET - dst
-    return np.pad(i0, (0, pad)), np.pad(i1, (0, pad)), np.pad(w, (0, pad))
+    return tuple(np.pad(t, (0, pad)) for t in linear_taps(src, dst))
 
 
 @functools.partial(jax.jit, static_argnames=("softmax",))

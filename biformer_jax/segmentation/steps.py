@@ -19,7 +19,7 @@ import optax
 
 from biformer_jax import metrics as metrics_lib
 from biformer_jax import steps
-from biformer_jax.segmentation.inference import resize_bilinear
+from biformer_jax.ops.resize import resize_bilinear
 from biformer_jax.train_state import TrainState, ema_update
 
 
