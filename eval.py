@@ -2,7 +2,9 @@
 
 DIR is a converter checkpoint, a train.py step directory or a train.py workdir (its latest
 checkpoint). Reports top-1, top-5 and loss on the config's eval split for the weights and, when
-the checkpoint has them, the EMA weights. The last line printed is one JSON object, also written
+the checkpoint has them, the EMA weights; for a segmentation config (configs/seg/), mmseg's
+per-class IoU / Acc table and mIoU, mAcc, aAcc (`--config.eval.mode=whole|slide`,
+`--config.eval.multi_scale_flip=True`). The last line printed is one JSON object, also written
 to DIR/eval_results.json (the step directory for a workdir).
 """
 
@@ -12,7 +14,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, data, eval_lib
+from biformer_jax import data
+from biformer_jax.data.seg_sources import SegDataError
+from biformer_jax.segmentation import checkpoint_eval, task
+from biformer_jax.training import checkpoint, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -26,8 +31,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoint.quiet_orbax_logging()
     try:
-        results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, FileNotFoundError) as e:
+        if task.is_segmentation(_CONFIG.value):
+            results = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+        else:
+            results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, FileNotFoundError, SegDataError) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

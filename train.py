@@ -16,7 +16,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, data, distributed, preemption, train_lib
+from biformer_jax import data
+from biformer_jax.data.seg_sources import SegDataError
+from biformer_jax.training import checkpoint, distributed, preemption, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -53,7 +55,12 @@ def main(argv):
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         raise  # SystemExit(0)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointMismatchError, train_lib.NonFiniteLossError) as e:
+    except (
+        data.DatasetNotPreparedError,
+        checkpoint.CheckpointMismatchError,
+        train_lib.NonFiniteLossError,
+        SegDataError,
+    ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from PIL import Image
-from seg_testlib import write_mini_ade
+from support.segmentation import write_mini_ade
 
 from biformer_jax.data import seg_config, seg_pipeline, seg_sources, seg_transforms, shapes
 from biformer_jax.data.sources import DatasetNotPreparedError

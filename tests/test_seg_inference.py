@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from seg_testlib import StandInSeg
+from support.segmentation import StandInSeg
 
 from biformer_jax.data import seg_config
 from biformer_jax.segmentation import inference

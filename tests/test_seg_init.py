@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from biformer_jax import checkpoint
+from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.segmentation.init import merge_weights
 
 
@@ -42,7 +42,7 @@ def test_classifier_checkpoint_fills_the_backbone_only():
 
 def test_classifier_checkpoint_of_another_backbone_is_refused():
     saved = {"params": {"stages_0_0": {"w": np.ones((8, 8))}, "stages_9": {"w": np.ones(2)}}}
-    with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    with pytest.raises(CheckpointMismatchError) as e:
         merge_weights(saved, seg_tree(), "ckpt")
     assert "params/backbone/stages_0_0/w: checkpoint (8, 8), model (4, 4)" in str(e.value)
     assert "params/backbone/stages_9/w" in str(e.value)
@@ -56,5 +56,5 @@ def test_segmentation_checkpoint_with_other_classes_restarts_conv_seg_only():
     assert (merged["params"]["neck"]["w"] == 1).all()
     assert report["fresh"] == ["params/decode_head/conv_seg/kernel"]
     saved["params"].pop("neck")
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="params/neck/w"):
+    with pytest.raises(CheckpointMismatchError, match="params/neck/w"):
         merge_weights(saved, seg_tree(), "ckpt")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from seg_testlib import write_mini_ade
+from support.segmentation import write_mini_ade
 
 from biformer_jax.data import ade20k_meta, seg_config, seg_prepare
 from biformer_jax.segmentation import checkpoint_eval, predict

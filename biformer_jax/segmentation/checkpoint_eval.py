@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from biformer_jax import checkpoint, eval_lib
 from biformer_jax.data import seg_config, seg_sources
+from biformer_jax.models import from_config
 from biformer_jax.segmentation import evaluate as seg_evaluate
 from biformer_jax.segmentation import metrics as seg_metrics
+from biformer_jax.training import checkpoint
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -35,7 +36,7 @@ def abstract_variables(model, crop_size) -> dict[str, Any]:
 def load_model_and_variables(config, checkpoint_path: str):
     """(model, class names, ref, raw variables, EMA variables or None) of a segmentation checkpoint."""
     names = seg_sources.read_class_names(config.data)  # ADE20K's need no dataset (predict on photos)
-    model = eval_lib.model_from_config(config, len(names))
+    model = from_config.model_from_config(config, len(names))
     ref = checkpoint.resolve(checkpoint_path)
     meta = checkpoint.load_meta(ref)
     if meta.get("model") != config.model:

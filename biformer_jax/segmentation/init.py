@@ -21,11 +21,15 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from biformer_jax import checkpoint
+from biformer_jax.models.from_config import CheckpointMismatchError
 
 CLASSIFIER_ONLY = ("norm", "head")  # classifier arrays with no place in a segmentation backbone
 FRESH_IN_BACKBONE = "extra_norms"  # backbone arrays a classifier does not have
 CLASS_CONVS = ("decode_head", "auxiliary_head")  # their conv_seg depends on the number of classes
+_HINT = (
+    "init_from takes a classifier checkpoint of the same backbone variant (biformer_small for *_biformer_small)"
+    " or a segmentation checkpoint of the same model; check config.model and the checkpoint's biformer_jax.json."
+)
 
 
 def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
@@ -73,13 +77,16 @@ def merge_weights(saved: dict[str, Any], fresh: dict[str, Any], source: str) -> 
         unexpected += ["/".join((collection, *k)) for k in have if k not in want]
         merged[collection] = traverse_util.unflatten_dict(out) if out else {}
     if missing or unexpected or mismatched:
-        raise checkpoint.CheckpointMismatchError(
+        raise CheckpointMismatchError(
             f"{source} (config.init_from, {'a classifier' if is_classifier else 'a segmentation'} checkpoint)",
             "the configured segmentation model",
             missing,
             unexpected,
             mismatched,
+            hint=_HINT,
         )
     if not report["loaded"]:
-        raise checkpoint.CheckpointMismatchError(f"{source} (config.init_from)", "the model: no array fits", [], [], [])
+        raise CheckpointMismatchError(
+            f"{source} (config.init_from)", "the model: no array fits", [], [], [], hint=_HINT
+        )
     return merged, report

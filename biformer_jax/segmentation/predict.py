@@ -23,12 +23,12 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from biformer_jax import checkpoint
 from biformer_jax.data import ade20k_meta, seg_config, seg_transforms
 from biformer_jax.data.sources import IMAGE_EXTENSIONS, DatasetNotPreparedError
 from biformer_jax.segmentation.checkpoint_eval import load_model_and_variables
 from biformer_jax.segmentation.evaluate import local_copy
 from biformer_jax.segmentation.inference import Segmenter
+from biformer_jax.training import checkpoint
 
 
 def palette(class_names) -> np.ndarray:

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from biformer_jax import metrics as metrics_lib
-from biformer_jax import steps
 from biformer_jax.ops.resize import resize_bilinear
-from biformer_jax.train_state import TrainState, ema_update
+from biformer_jax.training import metrics as metrics_lib
+from biformer_jax.training import steps
+from biformer_jax.training.train_state import TrainState, ema_update
 
 
 def seg_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int, avg_non_ignore: bool) -> jax.Array:
