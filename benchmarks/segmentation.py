@@ -146,14 +146,28 @@ def _official_features(net, norms, x):
     return outs
 
 
-def _serve_official(conn, repo, model, mode, batch, height, width, threads, drop_path) -> None:
+def _serve_official(conn, repo, backbone_args, mode, batch, height, width, threads) -> None:
     """Worker process: the official BiFormer as BiFormer_mm builds it, stepped on request."""
+    try:
+        _run_official(conn, repo, backbone_args, mode, batch, height, width, threads)
+    except Exception as e:  # tell the parent instead of leaving it waiting
+        conn.send(f"error: {type(e).__name__}: {e}")
+        raise
+
+
+def _run_official(conn, repo, backbone_args, mode, batch, height, width, threads) -> None:
+    import inspect
+
     import official_pytorch as op
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = op.build(repo, model, 8, True, drop_path)
+    cls = op.load_official(repo).BiFormer
+    # The config's arguments (ours carry the same names), without our JAX-only options.
+    official_args = set(inspect.signature(cls).parameters)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone_args.items() if k in official_args}
+    net = cls(**kwargs)
     del net.head, net.norm
     norms = torch.nn.ModuleList([torch.nn.LayerNorm(c, eps=1e-6) for c in net.embed_dim])
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -183,16 +197,17 @@ def _serve_official(conn, repo, model, mode, batch, height, width, threads, drop
 class OfficialSeg:
     """The official backbone in a spawned worker (see official_pytorch.SubprocessBench)."""
 
-    def __init__(self, args, model_name: str, drop_path: float):
+    def __init__(self, args, backbone_args: dict):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        task = (child, args.official_repo, model_name, args.mode, args.batch, args.height, args.width)
-        self._proc = ctx.Process(target=_serve_official, args=(*task, args.threads, drop_path), daemon=True)
+        task = (child, args.official_repo, backbone_args, args.mode, args.batch, args.height, args.width, args.threads)
+        self._proc = ctx.Process(target=_serve_official, args=task, daemon=True)
         self._proc.start()
-        if self._conn.recv() != "ready":
-            raise RuntimeError("the official benchmark worker failed to start")
+        status = self._conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"the official benchmark worker failed to start ({status})")
 
     def step(self) -> None:
         self._conn.send("step")
@@ -212,8 +227,7 @@ def main(argv=None) -> dict:
     if args.official_repo:
         if model.backbone != "biformer" or args.part != "backbone":
             raise SystemExit("--official_repo times the official BiFormer backbone: a biformer model, --part=backbone.")
-        classifier = "biformer_base" if model.embed_dim[0] == 96 else "biformer_small"
-        official = OfficialSeg(args, classifier, model.backbone_config["drop_path_rate"])
+        official = OfficialSeg(args, model.backbone_config)
     ours = OursSeg(args)
     for _ in range(args.warmup):
         ours.step()

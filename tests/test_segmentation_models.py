@@ -68,14 +68,9 @@ def test_bilinear_downsampling_does_not_antialias():
 def test_micro_models_eval_and_train(name):
     model = models.create_model(name, num_classes=5)
     x = jax.random.normal(jax.random.key(0), (2, 72, 88, 3))  # not a multiple of 32: auto_pad and ceil sizes
-    variables = model.init(jax.random.key(1), x[:1])
+    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
     upernet = name.startswith("upernet")
     assert ("auxiliary_head" in variables["params"]) == upernet
-    logits, aux, features = model.apply(variables, x, train=False, return_aux=True, return_features=True)
-    assert logits.shape == (2, 18, 22, 5) and logits.dtype == jnp.float32
-    assert [f.shape[1:3] for f in features] == [(18, 22), (9, 11), (5, 6), (3, 3)]
-    assert aux is None if not upernet else aux.shape == (2, 5, 6, 5)
-    assert np.isfinite(np.asarray(logits)).all()
 
     def loss(params):
         out, updates = model.apply(
@@ -90,7 +85,16 @@ def test_micro_models_eval_and_train(name):
         total = jnp.mean(logits**2) + (0.4 * jnp.mean(aux**2) if aux is not None else 0.0)
         return total, updates
 
-    grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+    @jax.jit  # one program for both modes: compiling is what takes the time here
+    def run(variables):
+        evaluated = model.apply(variables, x, train=False, return_aux=True, return_features=True)
+        return evaluated, jax.grad(loss, has_aux=True)(variables["params"])
+
+    (logits, aux, features), (grads, updates) = run(variables)
+    assert logits.shape == (2, 18, 22, 5) and logits.dtype == jnp.float32
+    assert [f.shape[1:3] for f in features] == [(18, 22), (9, 11), (5, 6), (3, 3)]
+    assert aux is None if not upernet else aux.shape == (2, 5, 6, 5)
+    assert np.isfinite(np.asarray(logits)).all()
     norms = {k: float(optax_norm(v)) for k, v in grads.items()}
     assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
     stats = traverse_util.flatten_dict(updates["batch_stats"])
@@ -139,6 +143,30 @@ def test_create_model_routes_overrides_and_rejects_unknown_ones():
     assert "sfpn_biformer_base" in models.list_models()
     with pytest.raises(TypeError, match="no_such_arg"):
         models.create_model("sfpn_biformer_small", no_such_arg=1)
+
+
+def test_backbone_initialises_from_a_classifier():
+    from biformer_jax.models.segmentation import init_backbone_from_classifier
+
+    x = jnp.zeros((1, 64, 64, 3))
+    classifier = models.create_model("biformer_micro").init(jax.random.key(0), x)
+    seg = models.create_model("sfpn_biformer_micro").init(jax.random.key(1), x)
+    out, loaded, fresh = init_backbone_from_classifier(seg, classifier)
+    assert "params/backbone/stages_2_1/attn/qkv/kernel" in loaded
+    assert "batch_stats/backbone/downsample_layers_0/1/mean" in loaded
+    assert {p.split("/")[1] for p in fresh} == {"backbone", "neck", "decode_head"}
+    assert all("/extra_norms_" in p for p in fresh if p.split("/")[1] == "backbone")
+    flat = traverse_util.flatten_dict(out, sep="/")
+    source = traverse_util.flatten_dict(classifier, sep="/")
+    before = traverse_util.flatten_dict(seg, sep="/")
+    for path in loaded:
+        collection, _, *inner = path.split("/")
+        np.testing.assert_array_equal(flat[path], source["/".join([collection, *inner])], err_msg=path)
+    for path in fresh:
+        np.testing.assert_array_equal(flat[path], before[path], err_msg=path)
+    other = models.create_model("biformer_micro", embed_dim=(16, 32, 64, 64), qk_dims=(16, 32, 64, 64))
+    with pytest.raises(ValueError, match="stages_3_0"):
+        init_backbone_from_classifier(seg, other.init(jax.random.key(0), x))
 
 
 # --- the mmseg key layout and the converter --------------------------------------------
