@@ -20,6 +20,7 @@ from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS
 from biformer_jax.models.segmentation.backbone import BACKBONES, BiFormerBackbone, DeBiFormerBackbone
 from biformer_jax.models.segmentation.fpn import FPN, FPNHead
 from biformer_jax.models.segmentation.heads import FCNHead
+from biformer_jax.models.segmentation.pretrained import init_backbone_from_classifier
 from biformer_jax.models.segmentation.segmentor import EncoderDecoder
 from biformer_jax.models.segmentation.uper import UPerHead
 
@@ -111,4 +112,5 @@ __all__ = [
     "SEGMENTATION_VARIANTS",
     "UPerHead",
     "build_segmentation_model",
+    "init_backbone_from_classifier",
 ]

@@ -8,7 +8,8 @@ from keyword overrides).
 
 Call: `model.apply(variables, x_nhwc, train=False)` -> (N, ceil(H/4), ceil(W/4), num_classes)
 float32 decode-head logits (before any resize to the input size);
-`return_aux=True` -> `(logits, aux_logits)`, the auxiliary head's at stride 16 (UperNet);
+`return_aux=True` -> `(logits, aux_logits)`, the auxiliary head's at stride 16 (UperNet;
+None for a model without an auxiliary head, so one loss function serves both);
 `return_features=True` appends the backbone's four NHWC maps (after `extra_norms`) to the
 returned tuple. In train mode pass rngs `dropout` and `drop_path`, and make `batch_stats`
 mutable (BatchNorm on batch statistics: SyncBN over the global batch under `jax.jit`).
@@ -109,16 +110,16 @@ class EncoderDecoder(nn.Module):
         return self.backbone_net(x, train)
 
     def __call__(self, x: jax.Array, train: bool = False, return_aux: bool = False, return_features: bool = False):
-        if return_aux and not self.auxiliary_head:
-            raise ValueError("return_aux=True: this model has no auxiliary head (UperNet models have one).")
         features = self.extract_features(x, train)
         inputs = self.neck(features) if self.decode_head == "fpn" else features
         logits = self.decode(inputs, train)
         out: tuple = (logits,)
         # init always builds the auxiliary head, so its parameters exist for training.
+        aux = None
         if self.auxiliary_head and (return_aux or self.is_initializing()):
             aux = self.aux(features, train)
-            out += (aux,) if return_aux else ()
+        if return_aux:
+            out += (aux,)
         if return_features:
             out += (features,)
         return out[0] if len(out) == 1 else out
