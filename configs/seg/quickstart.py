@@ -7,7 +7,9 @@ Trains `sfpn_biformer_micro` (the micro BiFormer backbone with extra_norms, mmse
 and FPNHead) on 512 generated 64x64 images of four shape classes on textured backgrounds
 (biformer_jax/data/shapes.py) with the official train pipeline scaled to 64 px (random rescale,
 crop with cat_max_ratio, flip, PhotoMetricDistortion, pad), then evaluates whole images of the
-128 held-out ones. Expected held-out mIoU >= 0.85; measured: see README "Semantic segmentation".
+128 held-out ones. Expected held-out mIoU >= 0.85. Measured (2026-12-01, 2 CPU cores shared with
+other jobs, load average 13-23): mIoU 0.8724, mAcc 0.9347, aAcc 0.9701; train.py 13 min 58 s
+wall under that load for 161 s of its own CPU time, eval.py 2 min 37 s wall for 21 s CPU.
 """
 
 from biformer_jax.data import seg_config
