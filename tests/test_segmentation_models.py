@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from golden import GOLDEN_DIR
+from support.golden import GOLDEN_DIR
 
 from biformer_jax import convert, models
 from biformer_jax.convert import CheckpointMismatchError
