@@ -2,10 +2,12 @@
 
 DIR is a converter checkpoint, a train.py step directory or a train.py workdir (its latest
 checkpoint), local or gs://, s3://. Reports top-1, top-5 and loss on the config's eval split for
-the weights and, when the checkpoint has them, the EMA weights. The last line printed is one
-JSON object; it is printed before anything is written, then saved to --output (default
-DIR/eval_results.json, the step directory for a workdir). Where that cannot be written (a
-read-only or removed checkpoint) a warning says so on stderr and the exit status stays 0.
+the weights and, when the checkpoint has them, the EMA weights; for a segmentation config (configs/seg/),
+mmseg's per-class IoU / Acc table and mIoU, mAcc, aAcc (`--config.eval.mode=whole|slide`,
+`--config.eval.multi_scale_flip=True`). The last line printed is one JSON object; it is printed before
+anything is written, then saved to --output (default DIR/eval_results.json, the step directory for a
+workdir). Where that cannot be written (a read-only or removed checkpoint) a warning says so on stderr
+and the exit status stays 0.
 """
 
 import json
@@ -16,7 +18,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from biformer_jax import cli, data
+from biformer_jax.data.seg_sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
+from biformer_jax.segmentation import checkpoint_eval, task
 from biformer_jax.training import checkpoint, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,8 +41,17 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoint.quiet_orbax_logging()
     try:
-        results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
-    except (data.DatasetNotPreparedError, checkpoint.CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
+        if task.is_segmentation(_CONFIG.value):
+            results = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+        else:
+            results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    except (
+        data.DatasetNotPreparedError,
+        checkpoint.CheckpointError,
+        CheckpointMismatchError,
+        FileNotFoundError,
+        SegDataError,
+    ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

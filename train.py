@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from biformer_jax import cli, data
+from biformer_jax.data.seg_sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.training import checkpoint, distributed, preemption, train_lib
 
@@ -60,6 +61,7 @@ def main(argv):
         checkpoint.CheckpointError,
         CheckpointMismatchError,
         train_lib.NonFiniteLossError,
+        SegDataError,
     ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -149,7 +149,7 @@ def _describe(model) -> str:
 
 
 def _model_fields(model) -> dict[str, Any]:
-    keys = ("depth", "embed_dim", "qk_dims", "num_classes", "topks", "n_win")
+    keys = ("backbone", "decode_head", "depth", "embed_dim", "qk_dims", "num_classes", "topks", "n_win")
     return {k: getattr(model, k) for k in keys if hasattr(model, k)}
 
 

@@ -3,8 +3,12 @@
     python -m biformer_jax.convert --model=biformer_small --input=biformer_small_best.pth \
         --output=ckpts/biformer_small_in1k
 
-The input may be a raw state_dict or a training checkpoint `{"model": ..., "model_ema": ...}`
-(`--weights` picks one; by default `model`). Every key is checked against the model first:
+The input may be a raw state_dict, an official training checkpoint `{"model": ...,
+"model_ema": ...}` or an mmsegmentation checkpoint `{"state_dict": ..., "meta": ...}` (keys
+`backbone.`, `neck.`, `decode_head.`, `auxiliary_head.`; convert it with a segmentation model
+name such as `--model=upernet_biformer_small`). `--weights` picks the entry; by default
+`model` if present, else `state_dict`. An mmseg checkpoint's class names (`meta["CLASSES"]`)
+are kept in biformer_jax.json as `classes`. Every key is checked against the model first:
 a mismatch lists the missing / unexpected / mis-shaped keys and writes nothing. The output is
 written to a temporary directory and renamed into place, so it is complete or absent.
 Needs PyTorch (CPU build is enough) for reading the file; nothing else in the package does.
@@ -18,7 +22,7 @@ import sys
 
 from biformer_jax import models
 from biformer_jax.convert import CheckpointMismatchError, from_torch_state_dict
-from biformer_jax.convert.files import ConversionError, read_torch_checkpoint, save_converted
+from biformer_jax.convert.files import ConversionError, read_torch_checkpoint_with_meta, save_converted
 
 
 def parse_args(argv):
@@ -29,9 +33,10 @@ def parse_args(argv):
     p.add_argument("--output", required=True, help="directory to create (must not exist)")
     p.add_argument(
         "--weights",
-        default="model",
-        choices=("model", "model_ema", "state_dict"),
-        help="which entry of a training checkpoint to convert (ignored for a raw state_dict)",
+        default="auto",
+        choices=("auto", "model", "model_ema", "state_dict"),
+        help="which entry of a training checkpoint to convert (ignored for a raw state_dict); "
+        "auto: model if present, else state_dict (mmseg)",
     )
     p.add_argument(
         "--non-strict",
@@ -50,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     try:
         model = models.create_model(args.model, **kwargs)
-        state_dict, entry = read_torch_checkpoint(args.input, args.weights)
+        state_dict, entry, extra = read_torch_checkpoint_with_meta(args.input, args.weights)
         variables = from_torch_state_dict(state_dict, model, strict=not args.non_strict)
         meta = {
             "format": "biformer_jax.variables/1",
@@ -58,6 +63,7 @@ def main(argv=None) -> int:
             "model_kwargs": kwargs,
             "source": str(args.input),
             "weights": entry,
+            **extra,
         }
         save_converted(args.output, variables, meta)
     except (ConversionError, CheckpointMismatchError, ValueError, TypeError) as e:

@@ -34,12 +34,22 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
 
 
-def read_torch_checkpoint(path: str | os.PathLike, weights: str = "model") -> tuple[dict[str, np.ndarray], str]:
-    """Loads a raw state_dict or an official training checkpoint; returns (state_dict, entry).
+def read_torch_checkpoint(path: str | os.PathLike, weights: str = "auto") -> tuple[dict[str, np.ndarray], str]:
+    """Loads a raw state_dict or a training checkpoint; returns (state_dict, entry).
 
-    Official training saves {"model": ..., "optimizer": ..., "model_ema": ..., ...}; `weights`
-    chooses the entry. Tensors come back as numpy arrays.
+    Official BiFormer training saves {"model": ..., "optimizer": ..., "model_ema": ..., ...} and
+    mmsegmentation {"state_dict": ..., "meta": ..., "optimizer": ...}; `weights` chooses the
+    entry ("auto": "model" if present, else "state_dict"). Tensors come back as numpy arrays.
     """
+    sd, entry, _ = read_torch_checkpoint_with_meta(path, weights)
+    return sd, entry
+
+
+def read_torch_checkpoint_with_meta(
+    path: str | os.PathLike, weights: str = "auto"
+) -> tuple[dict[str, np.ndarray], str, dict[str, Any]]:
+    """`read_torch_checkpoint` plus what the file says about itself that is worth keeping:
+    {"classes": [...]} from an mmseg checkpoint's `meta["CLASSES"]`, when present."""
     path = epath.Path(path)  # gs://, s3:// or local
     if not path.is_file():
         raise ConversionError(f"{path} does not exist or is not a file.")
@@ -52,6 +62,8 @@ def read_torch_checkpoint(path: str | os.PathLike, weights: str = "model") -> tu
     if _is_state_dict(obj):
         entry, sd = "state_dict", obj
     elif isinstance(obj, Mapping):
+        if weights == "auto":
+            weights = "model" if "model" in obj else "state_dict"
         if weights not in obj or not _is_state_dict(obj[weights]):
             found = [k for k, v in obj.items() if _is_state_dict(v)]
             raise ConversionError(
@@ -63,7 +75,11 @@ def read_torch_checkpoint(path: str | os.PathLike, weights: str = "model") -> tu
         entry, sd = weights, obj[weights]
     else:
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict.")
-    return {k: v.detach().cpu().numpy() for k, v in sd.items()}, entry
+    extra: dict[str, Any] = {}
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if isinstance(meta, Mapping) and isinstance(meta.get("CLASSES"), (list, tuple)):
+        extra["classes"] = [str(c) for c in meta["CLASSES"]]
+    return {k: v.detach().cpu().numpy() for k, v in sd.items()}, entry, extra
 
 
 def save_converted(out_dir: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:

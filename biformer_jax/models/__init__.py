@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from biformer_jax.models.biformer import BIFORMER_VARIANTS, BiFormer
 from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS, DeBiFormer
+from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS, EncoderDecoder, build_segmentation_model
 
 # name -> (module class, the official variant's constructor arguments)
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
@@ -20,7 +21,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *SEGMENTATION_VARIANTS])
 
 
 def _freeze(value: Any) -> Any:
@@ -53,8 +54,12 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model; `overrides` replace the variant's constructor arguments.
 
     `create_model("biformer", **kwargs)` is the bare official `BiFormer(**kwargs)`, and
-    `create_model("debiformer", **kwargs)` the released `DeBiFormer(**kwargs)`.
+    `create_model("debiformer", **kwargs)` the released `DeBiFormer(**kwargs)`. Segmentation
+    models (`sfpn_biformer_small`, `upernet_debiformer_base`, ...) take their own arguments
+    and the backbone's (`biformer_jax.models.segmentation`).
     """
+    if name in SEGMENTATION_VARIANTS:
+        return build_segmentation_model(name, **overrides)
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(list_models())}.")
     cls, defaults = _REGISTRY[name]
@@ -66,4 +71,4 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["BiFormer", "DeBiFormer", "collect_routes", "create_model", "list_models"]
+__all__ = ["BiFormer", "DeBiFormer", "EncoderDecoder", "collect_routes", "create_model", "list_models"]

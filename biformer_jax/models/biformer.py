@@ -147,6 +147,7 @@ class BiFormer(nn.Module):
     param_attention: str = "qkvo"
     mlp_dwconv: bool = False
     # --- JAX-side options -----------------------------------------------------------
+    routing_ties: str = "xla"  # the routers' exact-tie order ('xla' | 'torch'), biformer_jax.ops.topk
     features_only: bool = False
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
@@ -162,7 +163,7 @@ class BiFormer(nn.Module):
         stages.check_head_split(self, [i for i in range(4) if self.topks[i] > 0])
 
     def stage_kwargs(self, i: int) -> dict[str, Any]:
-        return dict(routing=stages.stage_routing(self, i))
+        return dict(routing=stages.stage_routing(self, i, topk_ties=self.routing_ties))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):

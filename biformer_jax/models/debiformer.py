@@ -69,12 +69,14 @@ class DeBiFormerBlock(nn.Module):
     pre_norm: bool = True
     routing: RoutingSettings = RoutingSettings(topk_ties="torch")
     settings: Optional[DeformSettings] = None
+    all_regions_topk: Optional[int] = None  # topk -2 routes to this many regions (None: n_win**2)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def routed(self, topk: int) -> RoutingSettings:
         # The release builds its BRA from nn.Linear and never re-initialises it (torch_init).
-        topk = self.routing.n_win**2 if topk == -2 else topk
+        if topk == -2:
+            topk = self.all_regions_topk or self.routing.n_win**2
         return dataclasses.replace(self.routing, topk=topk, auto_pad=True, torch_init=True)
 
     def deformable(self, topk: int, name: str) -> DeBiLevelRoutingAttention:
@@ -196,6 +198,9 @@ class DeBiFormer(nn.Module):
     mlp_dwconv: bool = False
     # --- JAX-side options -----------------------------------------------------------
     deform_settings: Optional[Sequence[Sequence[int]]] = None
+    # How many regions the topk -2 blocks route to (None: all n_win**2; the released
+    # segmentation backbone hard-codes 49, i.e. 49 of 64 at n_win 8).
+    all_regions_topk: Optional[int] = None
     routing_ties: str = "torch"
     features_only: bool = False
     attn_impl: str = "auto"
@@ -214,6 +219,12 @@ class DeBiFormer(nn.Module):
 
     def validate(self) -> None:
         stages.check_official_args(self, "the release")
+        regions = self.n_win * self.n_win
+        if self.all_regions_topk is not None and not 0 < self.all_regions_topk <= regions:
+            raise ValueError(
+                f"all_regions_topk={self.all_regions_topk}: the topk -2 blocks route to between 1 and "
+                f"n_win**2 = {regions} regions; use a value in that range or None for all of them."
+            )
         for i in range(4):
             check_block_topk(self.topks[i])
             stages.check_head_split(self, [i])
@@ -223,6 +234,7 @@ class DeBiFormer(nn.Module):
             param_size=self.param_size,
             routing=stages.stage_routing(self, i, topk_ties=self.routing_ties),
             settings=self.stage_settings()[i],
+            all_regions_topk=self.all_regions_topk,
         )
 
     @nn.compact

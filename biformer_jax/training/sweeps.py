@@ -108,7 +108,7 @@ def apply_overrides(config: ml_collections.ConfigDict, point: Mapping[str, Any])
 
 
 def run_summary(workdir: str) -> dict[str, Any]:
-    """The last eval metrics of a run, and its best eval/top1, from its metrics.jsonl."""
+    """The last eval metrics of a run, and its best eval/top1 (segmentation: eval/mIoU), from its metrics.jsonl."""
     records = metrics_lib.read_jsonl(epath.Path(workdir) / metrics_lib.METRICS_FILE)
     evals = {step: {k: v for k, v in r.items() if k.startswith("eval")} for step, r in records.items()}
     evals = {step: r for step, r in evals.items() if r}
@@ -116,9 +116,10 @@ def run_summary(workdir: str) -> dict[str, Any]:
         return {}
     last = max(evals)
     out: dict[str, Any] = {"step": last, **evals[last]}
-    top1 = [r["eval/top1"] for r in evals.values() if isinstance(r.get("eval/top1"), float)]
-    if top1:
-        out["best eval/top1"] = max(top1)
+    for metric in ("eval/top1", "eval/mIoU"):
+        values = [r[metric] for r in evals.values() if isinstance(r.get(metric), float)]
+        if values:
+            out[f"best {metric}"] = max(values)
     return out
 
 

@@ -29,6 +29,7 @@ from clu import parameter_overview, periodic_actions
 from biformer_jax import data
 from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
+from biformer_jax.segmentation import task as seg_task
 from biformer_jax.training import checkpoint, eval_lib, optim, preemption, restore, sharding, steps
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
@@ -80,12 +81,18 @@ def initial_state(
         ref = restore.resume_ref(config, meta)
         logging.info("Resuming from config.resume=%s (step %s).", ref.path, ref.step)
         return checkpoint.restore_train_state(ref, abstract_sharded)
-    init_ref = restore.init_from_ref(config, meta) if config.init_from else None  # before the compile
+    # Checked before the compile; a segmentation run's init_from is merged by name instead (seg_task.init_from).
+    init_ref = (
+        restore.init_from_ref(config, meta) if config.init_from and not seg_task.is_segmentation(config) else None
+    )
     # The seed is an argument, not a constant, so runs that differ only in seed share one compile.
     seed = np.int32(config.seed)
     state = (
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
+    if config.init_from and seg_task.is_segmentation(config):
+        # A classifier's backbone or a segmentation checkpoint, merged by name (the log lists what loaded).
+        return seg_task.init_from(config, state, shardings)
     if init_ref is not None:
         return checkpoint.init_variables_from(init_ref.path, state, shardings)
     logging.info("Starting from scratch (seed %d).", config.seed)
@@ -117,7 +124,7 @@ class Setup:
     """Everything a run derives from its config before touching the workdir."""
 
     mesh: Any
-    info: Any  # data.DatasetInfo
+    info: Any  # data.DatasetInfo (segmentation: SegDatasetInfo)
     model: Any
     meta: dict[str, Any]  # what checkpoints record about the model
     tx: Any
@@ -133,12 +140,17 @@ class Setup:
 def setup(config, devices: list | None = None) -> Setup:
     """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state."""
     mesh = sharding.create_mesh(config.mesh, devices)
-    info = data.dataset_info(config.data)
+    seg = seg_task.is_segmentation(config)
+    info = seg_task.dataset_info(config) if seg else data.dataset_info(config.data)
     model = from_config.model_from_config(config, info.num_classes)
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
-    steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
-    tx, schedule, base_lr = make_optimizer(config, steps_per_epoch)
+    if seg:  # iteration-based: mmcv's schedules over config.num_train_steps
+        steps_per_epoch, total_steps = seg_task.schedule_lengths(config, info)
+        tx, schedule, base_lr = seg_task.make_optimizer(config, total_steps)
+    else:
+        steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
+        tx, schedule, base_lr = make_optimizer(config, steps_per_epoch)
     init_fn = make_init_fn(config, model, tx, info.image_size)
     abstract = jax.eval_shape(init_fn, np.int32(config.seed))
     return Setup(
@@ -172,9 +184,13 @@ def make_optimizer(config, steps_per_epoch: int):
     return optim.create_optimizer(config.optim, schedule), schedule, base_lr
 
 
-def make_init_fn(config, model, tx, image_size: int):
-    """seed -> the fresh TrainState of `model` and `tx` (with EMA when config.ema_decay > 0)."""
-    input_shape = (1, image_size, image_size, 3)
+def make_init_fn(config, model, tx, image_size):
+    """seed -> the fresh TrainState of `model` and `tx` (with EMA when config.ema_decay > 0).
+
+    `image_size`: the side of square inputs, or (h, w) (segmentation crops).
+    """
+    h, w = image_size if isinstance(image_size, tuple) else (image_size, image_size)
+    input_shape = (1, h, w, 3)
     return functools.partial(
         init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
     )
@@ -203,8 +219,12 @@ def make_train_step(config, run: Setup):
     The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
     happens in place; the batch is split over every device; the metrics come back replicated.
     """
+    if seg_task.is_segmentation(config):
+        step_fn = seg_task.bind_train_step(config, run.model, run.tx, run.schedule)
+    else:
+        step_fn = bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes)
     return jax.jit(
-        bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes),
+        step_fn,
         in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
@@ -254,16 +274,20 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         return _last_eval(workdir, first_step)
 
     train_step = make_train_step(config, run)
-    eval_step = eval_lib.make_eval_step(run.model, mesh, run.shardings.variables)
-    train_iter = data.train_iterator(
-        config.data,
-        seed=config.seed,
-        start_step=first_step,
-        global_batch_size=batch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        epoch_steps=config.steps_per_epoch,
-    )
+    seg = seg_task.is_segmentation(config)
+    if seg:
+        eval_step, train_iter = None, seg_task.train_iterator(config, first_step)
+    else:
+        eval_step = eval_lib.make_eval_step(run.model, mesh, run.shardings.variables)
+        train_iter = data.train_iterator(
+            config.data,
+            seed=config.seed,
+            start_step=first_step,
+            global_batch_size=batch,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            epoch_steps=config.steps_per_epoch,
+        )
     log_every = _every(config.log_every_steps, run.steps_per_epoch)
     eval_every = _every(config.eval_every_steps, run.steps_per_epoch)
     ckpt_every = _every(config.checkpoint.every_steps, run.steps_per_epoch)
@@ -304,6 +328,11 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
                 if state.has_ema:
                     evals["eval_ema"] = state.ema_variables
                 for prefix, variables in evals.items():
+                    if seg:  # mIoU, mAcc, aAcc over the eval split, config.eval's inference
+                        eval_metrics.update(
+                            metrics_lib.prefixed(seg_task.evaluate(run.model, variables, config, prefix), prefix)
+                        )
+                        continue
                     result = eval_lib.evaluate(
                         eval_step,
                         variables,

@@ -89,6 +89,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "debiformer_small": ("debiformer_small", {}),
     "debiformer_base": ("debiformer_base", {}),
     "debiformer_tiny_train": ("debiformer_tiny", {}),
+    # Segmentation cases (golden/README.md "Segmentation cases"): the official configs' models.
+    "sfpn_biformer_small": ("sfpn_biformer_small", {}),
+    "upernet_biformer_small": ("upernet_biformer_small", {}),
+    "sfpn_debiformer_small": ("sfpn_debiformer_small", {}),
 }
 
 

@@ -1,0 +1,116 @@
+"""Semantic segmentation: Semantic FPN and UperNet on BiFormer / DeBiFormer, as in the official
+ADE20K configs (rayleizhu/BiFormer `semantic_segmentation/configs/ade20k/`, maclong01/DeBiFormer
+`segmentation/configs/`), with mmsegmentation's heads and module names.
+
+    model = models.create_model("upernet_biformer_small", num_classes=150)
+    logits, aux = model.apply(variables, x_nhwc, train=False, return_aux=True)
+
+`create_model` keyword overrides go to the `EncoderDecoder` when they name one of its fields
+(`num_classes`, `channels`, `dropout_ratio`, `conv_impl`, `dtype`, ...) and otherwise to the
+backbone (`drop_path_rate`, `attn_impl`, `use_checkpoint_stages`, `depth`, ...; `dtype` and
+`param_dtype` reach both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from biformer_jax.models.biformer import BIFORMER_VARIANTS
+from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS
+from biformer_jax.models.segmentation.backbone import BACKBONES, BiFormerBackbone, DeBiFormerBackbone
+from biformer_jax.models.segmentation.fpn import FPN, FPNHead
+from biformer_jax.models.segmentation.heads import FCNHead
+from biformer_jax.models.segmentation.pretrained import init_backbone_from_classifier
+from biformer_jax.models.segmentation.segmentor import EncoderDecoder
+from biformer_jax.models.segmentation.uper import UPerHead
+
+
+def _biformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
+    # BiFormer_mm in the configs: the classifier variant at n_win 8 with auto_pad; padded regions
+    # tie, and torch-style tie breaking picks the official region sets.
+    return dict(BIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, routing_ties="torch", drop_path_rate=drop_path_rate)
+
+
+def _debiformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
+    # The release's segmentation debi_small / debi_base: n_win 8, auto_pad, topk -2 -> 49 regions.
+    return dict(
+        DEBIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, all_regions_topk=49, drop_path_rate=drop_path_rate
+    )
+
+
+def _sfpn(backbone: str, args: dict[str, Any]) -> dict[str, Any]:
+    return dict(backbone=backbone, backbone_args=args, decode_head="fpn")
+
+
+def _upernet(backbone: str, args: dict[str, Any]) -> dict[str, Any]:
+    return dict(backbone=backbone, backbone_args=args, decode_head="uper", auxiliary_head=True)
+
+
+# name -> EncoderDecoder arguments. Drop path rates are the configs' (BiFormer: sfpn S 0.15, B 0.3;
+# upernet S 0.3, B 0.4. DeBiFormer: fpn_512_debi_small 0.15; upernet small passes none, so the
+# constructor default 0; debi_base hard-codes 0.4 for both).
+SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "sfpn_biformer_small": _sfpn("biformer", _biformer("biformer_small", 0.15)),
+    "sfpn_biformer_base": _sfpn("biformer", _biformer("biformer_base", 0.3)),
+    "upernet_biformer_small": _upernet("biformer", _biformer("biformer_small", 0.3)),
+    "upernet_biformer_base": _upernet("biformer", _biformer("biformer_base", 0.4)),
+    "sfpn_debiformer_small": _sfpn("debiformer", _debiformer("debiformer_small", 0.15)),
+    "sfpn_debiformer_base": _sfpn("debiformer", _debiformer("debiformer_base", 0.4)),
+    "upernet_debiformer_small": _upernet("debiformer", _debiformer("debiformer_small", 0.0)),
+    "upernet_debiformer_base": _upernet("debiformer", _debiformer("debiformer_base", 0.4)),
+    # Test-only micro variants: every code path at 64x64 in seconds (n_win 2, narrow heads).
+    "sfpn_biformer_micro": dict(
+        _sfpn("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)), channels=16, neck_channels=32
+    ),
+    "upernet_biformer_micro": dict(
+        _upernet("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)), channels=32, aux_channels=16
+    ),
+    "sfpn_debiformer_micro": dict(
+        _sfpn("debiformer", dict(DEBIFORMER_VARIANTS["debiformer_micro"], auto_pad=True, all_regions_topk=3)),
+        channels=16,
+        neck_channels=32,
+    ),
+}
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def build_segmentation_model(name: str, **overrides: Any) -> EncoderDecoder:
+    """`create_model` for the names of SEGMENTATION_VARIANTS (overrides routed as the module says)."""
+    if name not in SEGMENTATION_VARIANTS:
+        raise ValueError(f"Unknown segmentation model {name!r}; available: {', '.join(sorted(SEGMENTATION_VARIANTS))}.")
+    spec = dict(SEGMENTATION_VARIANTS[name])
+    backbone_args = dict(spec.pop("backbone_args"))
+    own = set(EncoderDecoder.__dataclass_fields__) - {"parent", "name", "backbone", "backbone_args"}
+    backbone_fields = set(BACKBONES[spec["backbone"]].__dataclass_fields__) - {"parent", "name", "features_only"}
+    unknown = sorted(set(overrides) - own - backbone_fields)
+    if unknown:
+        raise TypeError(
+            f"{name} got unknown argument(s) {unknown}; it takes {sorted(own)} and the backbone's "
+            f"{sorted(backbone_fields)}."
+        )
+    for key, value in overrides.items():
+        if key in own:
+            spec[key] = _freeze(value)
+        if key in backbone_fields and (key not in own or key in ("dtype", "param_dtype")):
+            backbone_args[key] = _freeze(value)
+    spec["backbone_args"] = tuple(sorted((k, _freeze(v)) for k, v in backbone_args.items()))
+    return EncoderDecoder(**spec)
+
+
+__all__ = [
+    "BiFormerBackbone",
+    "DeBiFormerBackbone",
+    "EncoderDecoder",
+    "FCNHead",
+    "FPN",
+    "FPNHead",
+    "SEGMENTATION_VARIANTS",
+    "UPerHead",
+    "build_segmentation_model",
+    "init_backbone_from_classifier",
+]

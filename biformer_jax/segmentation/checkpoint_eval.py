@@ -1,0 +1,83 @@
+"""eval.py for segmentation configs: mIoU / mAcc / aAcc of a checkpoint, raw and EMA weights.
+
+Prints mmseg's per-class table for each set of weights; returns (and eval.py prints as its last
+line) {"mIoU", "mAcc", "aAcc" (fractions), "num_examples", "checkpoint", "step", "model",
+"dataset", "eval_mode", "views"} plus "ema": {...} when the checkpoint holds EMA weights, also
+written to eval_results.json in the checkpoint's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from biformer_jax.data import seg_config, seg_sources
+from biformer_jax.models import from_config
+from biformer_jax.segmentation import evaluate as seg_evaluate
+from biformer_jax.segmentation import metrics as seg_metrics
+from biformer_jax.training import checkpoint
+
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def abstract_variables(model, crop_size) -> dict[str, Any]:
+    """{"params", "batch_stats"} of a segmentation model as ShapeDtypeStructs (no compute)."""
+    x = jax.ShapeDtypeStruct((1, int(crop_size[0]), int(crop_size[1]), 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def load_model_and_variables(config, checkpoint_path: str):
+    """(model, class names, ref, raw variables, EMA variables or None) of a segmentation checkpoint."""
+    names = seg_sources.read_class_names(config.data)  # ADE20K's need no dataset (predict on photos)
+    model = from_config.model_from_config(config, len(names))
+    ref = checkpoint.resolve(checkpoint_path)
+    meta = checkpoint.load_meta(ref)
+    if meta.get("model") != config.model:
+        logging.warning("The checkpoint was made for %r; using it as config.model=%r.", meta.get("model"), config.model)
+    abstract = abstract_variables(model, config.data.crop_size)
+    variables = checkpoint.load_variables(ref, abstract=abstract)
+    ema = None
+    if ref.kind == "train" and checkpoint.has_item(ref, "ema_variables"):
+        ema = checkpoint.load_variables(ref, ema=True, abstract=abstract)
+    return model, names, ref, variables, ema
+
+
+def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
+    """Evaluates a checkpoint (see the module docstring); prints the per-class tables."""
+    seg_config.validate_eval_config(config.eval)
+    model, names, ref, variables, ema = load_model_and_variables(config, checkpoint_path)
+    results: dict[str, Any] = {
+        "checkpoint": os.fspath(ref.path),
+        "step": ref.step,
+        "model": config.model,
+        "dataset": config.data.name,
+        "eval_mode": config.eval.mode,
+        "views": len(seg_config.eval_views(config.eval)),
+    }
+    for key, weights in (("", variables), ("ema", ema)):
+        if weights is None:
+            continue
+        summary = seg_evaluate.evaluate(model, weights, config.data, config.eval, desc=f"eval {key}".strip())
+        if jax.process_index() == 0:
+            print(f"\n{'EMA weights' if key else 'Weights'} of {ref.path}:")
+            print(seg_metrics.per_class_table(summary, names), flush=True)
+        entry = {**seg_evaluate.scalars(summary), "num_examples": summary["num_examples"]}
+        if key:
+            results[key] = entry
+        else:
+            results.update(entry)
+    if jax.process_index() == 0:
+        path = os.path.join(ref.path, EVAL_RESULTS_FILE)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    return results

@@ -1,0 +1,163 @@
+"""The segmentation data side: ADE20K folders, label checks, mmseg transforms, deterministic batches."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from support.segmentation import write_mini_ade
+
+from biformer_jax.data import seg_config, seg_pipeline, seg_sources, seg_transforms, shapes
+from biformer_jax.data.sources import DatasetNotPreparedError
+
+
+def ade_cfg(root, **kw):
+    cfg = seg_config.default_seg_config()
+    cfg.root = str(root)
+    cfg.crop_size = (32, 32)
+    cfg.scale = (128, 32)
+    cfg.threads = 2
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mini_ade(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade") / "ADEChallengeData2016"
+    return write_mini_ade(
+        root, {"training": [(40, 56), (48, 48), (36, 60), (44, 52)], "validation": [(40, 50), (30, 64)]}
+    )
+
+
+def test_reduce_zero_label():
+    label = np.array([[0, 1, 2], [150, 255, 0]], np.uint8)
+    np.testing.assert_array_equal(seg_sources.reduce_zero_label(label), [[255, 0, 1], [149, 255, 255]])
+
+
+def test_ade_folder_reads_reduced_labels(mini_ade):
+    source, names = seg_sources.open_seg_source(ade_cfg(mini_ade), "train")
+    assert len(source) == 4 and len(names) == 150 and names[0] == "wall"
+    image, label = source.read([0])[0]
+    raw = np.asarray(Image.open(source.label_paths[0]))
+    assert image.shape == (40, 56, 3) and label.shape == (40, 56)
+    np.testing.assert_array_equal(label, seg_sources.reduce_zero_label(raw))
+    info = seg_sources.seg_dataset_info(ade_cfg(mini_ade))
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (4, 2, 150)
+
+
+def test_missing_annotation_is_named(tmp_path):
+    root = write_mini_ade(tmp_path / "ade", {"training": [(32, 32), (32, 32)], "validation": [(32, 32)]})
+    next((root / "annotations" / "training").glob("*.png")).unlink()
+    seg_sources.scan_split.cache_clear()
+    with pytest.raises(seg_sources.SegDataError, match=r"have no annotation.*ADE_train_00000000.png"):
+        seg_sources.open_seg_source(ade_cfg(root), "train")
+
+
+def test_missing_folder_says_how_to_prepare(tmp_path):
+    with pytest.raises(DatasetNotPreparedError, match="biformer_jax.data.prepare --name ade20k"):
+        seg_sources.open_seg_source(ade_cfg(tmp_path / "nothing"), "train")
+
+
+def test_label_of_another_size_is_refused(tmp_path):
+    root = write_mini_ade(tmp_path / "ade", {"training": [(32, 40)], "validation": [(32, 32)]})
+    label_path = next((root / "annotations" / "training").glob("*.png"))
+    Image.fromarray(np.ones((30, 40), np.uint8), "L").save(label_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
+    with pytest.raises(seg_sources.SegDataError, match=r"label map is 40x30 .* but its image .* is 40x32"):
+        source.read([0])
+
+
+def test_class_id_beyond_num_classes_is_refused(tmp_path):
+    root = write_mini_ade(tmp_path / "ade", {"training": [(32, 32)], "validation": [(32, 32)]})
+    label_path = next((root / "annotations" / "training").glob("*.png"))
+    label = np.full((32, 32), 3, np.uint8)
+    label[0, 0], label[0, 1] = 151, 255  # 151 -> class 150 after reduction: beyond 150 classes; 255 stays ignored
+    Image.fromarray(label, "L").save(label_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
+    with pytest.raises(seg_sources.SegDataError, match=r"class ids \[151\] .* not in the dataset's 150 classes"):
+        source.read([0])
+
+
+def test_seg_folder_needs_its_class_list(tmp_path):
+    root = write_mini_ade(tmp_path / "custom", {"training": [(32, 32)], "validation": [(32, 32)]}, num_classes=3)
+    cfg = ade_cfg(root, name="seg_folder", reduce_zero_label=False)
+    with pytest.raises(DatasetNotPreparedError, match="classes.txt"):
+        seg_sources.open_seg_source(cfg, "train")
+    (root / "classes.txt").write_text("a\nb\nc\nd\n")
+    source, names = seg_sources.open_seg_source(cfg, "train")
+    assert names == ("a", "b", "c", "d") and source.read([0])[0][1].max() <= 3
+
+
+def test_rescale_and_align_sizes_as_mmcv():
+    # 683 x 512 (w x h) at scale (2048, 512): short side 512 -> unchanged; aligned to 32: 704 x 512.
+    assert seg_transforms.rescale_size(512, 683, (2048, 512)) == (512, 683)
+    assert seg_transforms.test_size(512, 683, (2048, 512), 1.0, 32) == (512, 704)
+    # A very long image is limited by the long edge: 100 x 1000 -> factor min(2048/1000, 512/100).
+    assert seg_transforms.rescale_size(100, 1000, (2048, 512)) == (205, 2048)
+    assert seg_transforms.test_size(375, 500, (2048, 512), 0.5, 32) == (256, 352)  # (256, 341) aligned
+
+
+def test_random_crop_avoids_one_class_crops():
+    label = np.zeros((64, 64), np.uint8)
+    label[:, 56:] = 1  # a crop of 16 sees class 1 only near the right border
+    img = np.zeros((64, 64, 3), np.uint8)
+    shares = []
+    for seed in range(20):
+        _, crop = seg_transforms.random_crop(img, label, np.random.default_rng(seed), (16, 16), 0.75)
+        counts = np.bincount(crop.ravel(), minlength=2)
+        shares.append(counts.max() / counts.sum())
+    # Without cat_max_ratio most crops are all class 0; with it, most hold both classes.
+    assert np.mean(np.array(shares) < 0.75) > 0.5
+
+
+def test_train_transform_pads_an_image_smaller_than_the_crop():
+    cfg = ade_cfg("x", crop_size=(64, 64), scale=(40, 20), ratio_range=(1.0, 1.0), photometric=False)
+    img = np.full((20, 30, 3), 200, np.uint8)
+    label = np.ones((20, 30), np.uint8)
+    out_img, out_label = seg_transforms.SegTrainTransform(cfg)(img, label, np.random.default_rng(0))
+    assert out_img.shape == (64, 64, 3) and out_img.dtype == np.float32 and out_label.shape == (64, 64)
+    assert (out_label[:20, :30] == 1).all() and (out_label[20:] == 255).all() and (out_label[:, 30:] == 255).all()
+    assert (out_img[20:] == 0).all()  # padded after Normalize, with 0
+
+
+def test_photometric_distortion_is_deterministic_and_bounded():
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    a = seg_transforms.photometric_distortion(img, np.random.default_rng(5))
+    b = seg_transforms.photometric_distortion(img, np.random.default_rng(5))
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.uint8 and not np.array_equal(a, img)
+
+
+def test_train_batches_are_a_function_of_seed_and_step_whatever_the_hosts(mini_ade):
+    cfg = ade_cfg(mini_ade)
+    one = seg_pipeline.seg_train_iterator(
+        cfg, seed=3, start_step=0, global_batch_size=4, process_index=0, process_count=1
+    )
+    steps = [next(one) for _ in range(3)]
+    assert steps[0]["image"].shape == (4, 32, 32, 3) and steps[0]["label"].dtype == np.int32
+    resumed = seg_pipeline.seg_train_iterator(
+        cfg, seed=3, start_step=2, global_batch_size=4, process_index=1, process_count=2
+    )
+    half = next(resumed)
+    np.testing.assert_array_equal(half["image"], steps[2]["image"][2:])
+    np.testing.assert_array_equal(half["label"], steps[2]["label"][2:])
+    assert set(np.unique(steps[0]["label"])) <= set(range(150)) | {255}
+
+
+def test_eval_examples_split_over_hosts(mini_ade):
+    cfg, ev = ade_cfg(mini_ade), seg_config.default_eval_config()
+    ev.scale, ev.multi_scale_flip = (256, 64), True
+    all_ = list(seg_pipeline.seg_eval_iterator(cfg, ev, process_index=0, process_count=1))
+    second = list(seg_pipeline.seg_eval_iterator(cfg, ev, process_index=1, process_count=2))
+    assert [e["index"] for e in all_] == [0, 1] and [e["index"] for e in second] == [1]
+    views = all_[0]["views"]
+    assert len(views) == 12 and [v[1] for v in views[:2]] == [False, True]
+    assert all(v[2].shape[0] % 32 == 0 and v[2].shape[1] % 32 == 0 for v in views)
+    assert all_[0]["label"].shape == (40, 50)
+
+
+def test_shapes_dataset_is_deterministic_and_held_out():
+    a = shapes.make_example(0, "train", 3, 32)
+    b = shapes.make_example(0, "train", 3, 32)
+    c = shapes.make_example(0, "eval", 3, 32)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    assert set(np.unique(a[1])) <= set(range(len(shapes.CLASS_NAMES)))

@@ -1,0 +1,120 @@
+"""A miniature ADE20K folder through prepare, train (micro Semantic FPN), resume, eval.py and predict."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from support.segmentation import write_mini_ade
+
+from biformer_jax.data import ade20k_meta, seg_config, seg_prepare
+from biformer_jax.segmentation import checkpoint_eval, predict
+from biformer_jax.training import checkpoint, train_lib
+from configs.seg import sfpn_biformer_s
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"training": [(48, 64), (64, 48), (56, 72), (64, 64), (40, 80), (72, 56), (64, 60), (50, 70)]}
+SIZES["validation"] = [(48, 60), (64, 80)]
+# The run below as train.py / eval.py flags (sfpn_biformer_s's recipe, micro model, 64 px).
+FLAGS = {
+    "model": "sfpn_biformer_micro",
+    "compute_dtype": "float32",
+    "global_batch_size": 8,  # 1 per simulated CPU device
+    "num_train_steps": 4,
+    "optim.warmup_iters": 2,
+    "log_every_steps": 1,
+    "eval_every_steps": 4,
+    "checkpoint.every_steps": 2,
+    "checkpoint.keep": 3,
+    "data.crop_size": (64, 64),
+    "data.scale": (256, 64),
+    "data.threads": 2,
+    "eval.scale": (256, 64),
+}
+
+
+@pytest.fixture(scope="module")
+def mini_ade(tmp_path_factory):
+    root = write_mini_ade(tmp_path_factory.mktemp("ade") / "ADEChallengeData2016", SIZES)
+    cfg = seg_config.default_seg_config()
+    cfg.root = str(root)
+    info = seg_prepare.prepare_seg_dataset(cfg)
+    assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (8, 2, 150)
+    return root
+
+
+def micro_config(root, **overrides):
+    config = sfpn_biformer_s.get_config()
+    config.data.root = str(root)
+    for key, value in {**FLAGS, **overrides}.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def test_prepare_lists_every_bad_example(tmp_path):
+    root = write_mini_ade(tmp_path / "ADEChallengeData2016", {"training": [(32, 32)] * 3, "validation": [(32, 32)]})
+    labels = sorted((root / "annotations" / "training").glob("*.png"))
+    Image.fromarray(np.zeros((16, 32), np.uint8), "L").save(labels[0])  # wrong size
+    Image.fromarray(np.full((32, 32), 200, np.uint8), "L").save(labels[1])  # class 199 of 150
+    cfg = seg_config.default_seg_config()
+    cfg.root = str(root)
+    with pytest.raises(ValueError, match=r"(?s)2 example\(s\) need fixing.*label map is 32x16.*class ids \[200\]"):
+        seg_prepare.prepare_seg_dataset(cfg)
+
+
+def test_train_resume_eval_and_predict(tmp_path, mini_ade):
+    config = micro_config(mini_ade)
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+    assert {"eval/mIoU", "eval/mAcc", "eval/aAcc"} <= set(straight)
+    assert 0.0 <= straight["eval/mIoU"] <= 1.0
+
+    # A run that lost its host after step 2 restarts from its checkpoint and ends where the
+    # uninterrupted one did, weight for weight.
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "2", tmp_path / "resumed" / "checkpoints" / "2")
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    a = checkpoint.load_variables(checkpoint.resolve(tmp_path / "straight"))
+    b = checkpoint.load_variables(checkpoint.resolve(tmp_path / "resumed"))
+    assert checkpoint.resolve(tmp_path / "resumed").step == 4
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert resumed == pytest.approx(straight)
+
+    # eval.py: the per-class table, then one JSON line last; slide mode on the same weights.
+    flags = [f"--config.{k}={v}" for k, v in FLAGS.items() if not k.startswith(("optim", "checkpoint", "log"))]
+    cmd = [sys.executable, str(ROOT / "eval.py"), f"--config={ROOT / 'configs/seg/sfpn_biformer_s.py'}"]
+    cmd += [f"--checkpoint={tmp_path / 'straight'}", f"--config.data.root={mini_ade}", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["num_examples"] == 2 and result["mIoU"] == pytest.approx(straight["eval/mIoU"], abs=1e-6)
+    assert {"mAcc", "aAcc"} <= set(result) and any(line.startswith("| wall ") for line in lines)
+
+    slide = checkpoint_eval.evaluate_checkpoint(
+        micro_config(mini_ade, **{"eval.mode": "slide", "eval.crop_size": (64, 64), "eval.stride": (43, 43)}),
+        str(tmp_path / "straight"),
+    )
+    assert slide["eval_mode"] == "slide" and 0.0 <= slide["mIoU"] <= 1.0
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((40, 52, 3), 90, np.uint8)).save(photos / "a.jpg")
+    written = predict.predict_folder(config, str(tmp_path / "straight"), str(photos), str(tmp_path / "pred"))
+    assert sorted(p.name for p in written) == ["a_labels.png", "a_mask.png", "a_overlay.png"]
+    mask = np.asarray(Image.open(tmp_path / "pred" / "a_mask.png"))
+    labels = np.asarray(Image.open(tmp_path / "pred" / "a_labels.png"))
+    assert mask.shape == (40, 52, 3) and labels.shape == (40, 52)
+    np.testing.assert_array_equal(mask, predict.palette(ade20k_meta.CLASS_NAMES)[labels])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        predict.predict_folder(config, str(tmp_path / "straight"), str(photos), str(tmp_path / "pred"))
