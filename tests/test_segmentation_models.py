@@ -117,7 +117,7 @@ def test_channel_dropout_drops_whole_maps():
     params = {**variables["params"], "conv_seg": {"kernel": eye, "bias": jnp.zeros(3)}}
 
     def run(ratio):
-        out, _ = head.replace(dropout_ratio=ratio).apply(
+        out, _ = head.clone(dropout_ratio=ratio).apply(
             {"params": params, "batch_stats": variables["batch_stats"]},
             feats,
             train=True,
