@@ -117,7 +117,7 @@ def test_channel_dropout_drops_whole_maps():
     params = {**variables["params"], "conv_seg": {"kernel": eye, "bias": jnp.zeros(3)}}
 
     def run(ratio):
-        out, _ = head.replace(dropout_ratio=ratio).apply(
+        out, _ = head.clone(dropout_ratio=ratio).apply(
             {"params": params, "batch_stats": variables["batch_stats"]},
             feats,
             train=True,
@@ -152,7 +152,7 @@ def test_backbone_initialises_from_a_classifier():
     classifier = models.create_model("biformer_micro").init(jax.random.key(0), x)
     seg = models.create_model("sfpn_biformer_micro").init(jax.random.key(1), x)
     out, loaded, fresh = init_backbone_from_classifier(seg, classifier)
-    assert "params/backbone/stages_2_1/attn/qkv/kernel" in loaded
+    assert any(p.startswith("params/backbone/stages_2_1/attn/") for p in loaded)
     assert "batch_stats/backbone/downsample_layers_0/1/mean" in loaded
     assert {p.split("/")[1] for p in fresh} == {"backbone", "neck", "decode_head"}
     assert all("/extra_norms_" in p for p in fresh if p.split("/")[1] == "backbone")
