@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from biformer_jax import checkpoint, data, models, sharding, steps
+from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -55,7 +56,7 @@ def abstract_variables(model, image_size: int) -> dict[str, Any]:
 
 def make_eval_step(model, mesh, variable_shardings) -> Callable:
     return jax.jit(
-        functools.partial(steps.eval_step, model=model),
+        kernels_see_mesh(functools.partial(steps.eval_step, model=model), mesh),
         in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

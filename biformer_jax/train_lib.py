@@ -29,6 +29,7 @@ from clu import parameter_overview, periodic_actions
 
 from biformer_jax import checkpoint, data, eval_lib, optim, preemption, sharding, steps
 from biformer_jax import metrics as metrics_lib
+from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 from biformer_jax.train_state import TrainState, init_train_state
 
 
@@ -209,16 +210,17 @@ def make_train_step(config, run: Setup):
     happens in place; the batch is split over every device; the metrics come back replicated.
     """
     mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
+    step = functools.partial(
+        steps.train_step,
+        model=run.model,
+        tx=run.tx,
+        schedule=run.schedule,
+        mix_fn=mix_fn,
+        ema_decay=config.ema_decay,
+        grad_accum_steps=int(config.grad_accum_steps),
+    )
     return jax.jit(
-        functools.partial(
-            steps.train_step,
-            model=run.model,
-            tx=run.tx,
-            schedule=run.schedule,
-            mix_fn=mix_fn,
-            ema_decay=config.ema_decay,
-            grad_accum_steps=int(config.grad_accum_steps),
-        ),
+        kernels_see_mesh(step, run.mesh),  # Pallas kernels shard_map over the batch
         in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,

@@ -80,14 +80,52 @@ PLATFORM_VARIANTS = {"cuda": "gpu", "tpu": "tpu"}
 
 
 def _per_platform(fn, variant, *args):
-    """fn(variant, *args) for the given variant, or chosen by the lowering platform."""
+    """fn(variant, *args) for the given variant, or chosen by the lowering platform.
+
+    Every argument and result has the batch N as its leading axis."""
     if variant is not None:
         return fn(variant, *args)
-    out_avals = jax.eval_shape(functools.partial(fn, "xla"), *args)
-    flat_out, tree = jax.tree.flatten(out_avals)
-    flat = lambda v, *a: jax.tree.leaves(fn(v, *a))  # noqa: E731
-    outs = _per_platform_p.bind(*args, fn=flat, out_avals=tuple(flat_out))
-    return jax.tree.unflatten(tree, outs)
+
+    def call(*args):
+        out_avals = jax.eval_shape(functools.partial(fn, "xla"), *args)
+        flat_out, tree = jax.tree.flatten(out_avals)
+        flat = lambda v, *a: jax.tree.leaves(fn(v, *a))  # noqa: E731
+        outs = _per_platform_p.bind(*args, fn=flat, out_avals=tuple(flat_out))
+        return jax.tree.unflatten(tree, outs)
+
+    return _batch_parallel(call, args)
+
+
+def kernels_see_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the abstract mesh (wrap a step before `jax.jit`).
+
+    XLA cannot partition a Mosaic kernel ("Mosaic kernels cannot be automatically
+    partitioned"): under a multi-device mesh the kernels run inside a `shard_map` that
+    splits the batch over the mesh axes, which needs the mesh at trace time.
+    """
+
+    def traced_under_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_under_mesh
+
+
+def _batch_parallel(call, args):
+    """call(*args), in a shard_map over the batch when tracing under a multi-device mesh:
+    the batch is split over the (non-manual) mesh axes, in mesh order, that divide it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(*args)
+    n, axes, size = args[0].shape[0], [], 1
+    for name, kind in zip(mesh.axis_names, mesh.axis_types):
+        if kind != jax.sharding.AxisType.Manual and n % (size * mesh.shape[name]) == 0:
+            axes.append(name)
+            size *= mesh.shape[name]
+    if size == 1:
+        return call(*args)
+    spec = jax.sharding.PartitionSpec(tuple(axes))
+    return jax.shard_map(call, mesh=mesh, in_specs=spec, out_specs=spec, axis_names=set(axes), check_vma=False)(*args)
 
 
 _per_platform_p = Primitive("routed_attention_per_platform")
