@@ -25,6 +25,7 @@ time, so a CPU run never traces the kernels at all.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import jax
@@ -113,12 +114,14 @@ def kernels_see_mesh(fn, mesh):
 
 def _batch_parallel(call, args):
     """call(*args), in a shard_map over the batch when tracing under a multi-device mesh:
-    the batch is split over the (non-manual) mesh axes, in mesh order, that divide it."""
+    the batch is split over the (non-manual) mesh axes, in mesh order, that divide it.
+    Meshes with Auto axes (the trainer's); the XLA paths do not support Explicit ones."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return call(*args)
     n, axes, size = args[0].shape[0], [], 1
-    for name, kind in zip(mesh.axis_names, mesh.axis_types):
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    for name, kind in kinds.items():
         if kind != jax.sharding.AxisType.Manual and n % (size * mesh.shape[name]) == 0:
             axes.append(name)
             size *= mesh.shape[name]
@@ -137,7 +140,10 @@ _per_platform_p.def_impl(lambda *args, **params: jax.jit(functools.partial(_per_
 
 def _lowering(variant):
     def rule(ctx, *args, fn, out_avals):
-        return mlir.lower_fun(functools.partial(fn, variant), multiple_results=True)(ctx, *args)
+        with warnings.catch_warnings():
+            # JAX 0.10 deprecates pallas_call for Mosaic GPU; see pallas_gpu_routed_attention._launch.
+            warnings.filterwarnings("ignore", "Using ``pl.pallas_call`` for Mosaic GPU", DeprecationWarning)
+            return mlir.lower_fun(functools.partial(fn, variant), multiple_results=True)(ctx, *args)
 
     return rule
 
