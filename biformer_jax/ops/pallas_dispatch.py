@@ -13,19 +13,18 @@ its kernels the same way. `variant` forces one ('gpu', 'tpu', 'xla'), which test
 run a variant in its interpreter on CPU.
 
 Why a primitive and not `jax.lax.platform_dependent`: the branches of a platform-dependent
-`cond` are lowered for *every* platform of a multi-platform export, and a `pallas_call`
-refuses to lower for a platform it has no backend for ("Only interpret mode is supported
-on CPU backend"). `_per_platform_p` registers one lowering rule per platform
-(`mlir.register_lowering(..., platform=...)`); JAX lowers each rule with only its own
-platform in the context, so the GPU kernel is lowered for 'cuda' alone, the TPU kernel
-for 'tpu' alone, and the XLA path for the rest. Its functions are traced at lowering
-time, so a CPU run never traces the kernels at all.
+`cond` are lowered for *every* platform of a multi-platform export, and Pallas kernels
+refuse that: a `pallas_call` has no lowering for the other platforms ("Only interpret mode
+is supported on CPU backend"), and `plgpu.kernel` refuses multi-platform lowering outright.
+`_per_platform_p` registers one lowering rule per platform (`mlir.register_lowering(...,
+platform=...)`); JAX lowers each rule with only its own platform in the context, so the GPU
+kernel is lowered for 'cuda' alone, the TPU kernel for 'tpu' alone, and the XLA path for
+the rest. Its functions are traced at lowering time, so a CPU run never traces the kernels.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Optional
 
 import jax
@@ -140,10 +139,7 @@ _per_platform_p.def_impl(lambda *args, **params: jax.jit(functools.partial(_per_
 
 def _lowering(variant):
     def rule(ctx, *args, fn, out_avals):
-        with warnings.catch_warnings():
-            # JAX 0.10 deprecates pallas_call for Mosaic GPU; see pallas_gpu_routed_attention._launch.
-            warnings.filterwarnings("ignore", "Using ``pl.pallas_call`` for Mosaic GPU", DeprecationWarning)
-            return mlir.lower_fun(functools.partial(fn, variant), multiple_results=True)(ctx, *args)
+        return mlir.lower_fun(functools.partial(fn, variant), multiple_results=True)(ctx, *args)
 
     return rule
 

@@ -137,41 +137,25 @@ def _smem(shape, dtype):
 
 
 def _launch(body, inputs, out_type, scratch, grid, interpret: bool):
-    """body(ids, *input_refs, *output_refs, *scratch_refs) over `grid`, operands in GMEM;
-    ids() gives the instance's grid indices.
+    """body(ids, *input_refs, *output_refs, *scratch_refs) over `grid`, every operand in
+    GMEM; ids() gives the instance's grid indices.
 
-    On the GPU, `pl.pallas_call` with Mosaic GPU compiler params rather than `plgpu.kernel`:
-    the latter lowers through `mpmd_map`, which refuses multi-platform lowering, so a model
-    using it could not be exported for cpu, cuda and tpu in one artifact. (JAX 0.10 warns
-    that `pallas_call` for Mosaic GPU is deprecated in favour of `plgpu.kernel`.) The
-    interpreter supports barriers only under `plgpu.kernel`, which it runs instead.
+    `plgpu.kernel` lowers through `mpmd_map`, which refuses a multi-platform lowering
+    context: `pallas_dispatch` lowers the GPU kernels in a context holding 'cuda' alone, so
+    one artifact can still carry cpu, cuda and tpu code.
     """
-    if interpret:
-        names = tuple(f"g{i}" for i in range(len(grid)))
-        ids = lambda: tuple(lax.axis_index(a) for a in names)  # noqa: E731
-        run = plgpu.kernel(
-            functools.partial(body, ids),
-            out_type=list(out_type),
-            scratch_types=scratch,
-            grid=grid,
-            grid_names=names,
-            interpret=interpret_params(),
-        )
-        return run(*inputs)
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
-    ids = lambda: tuple(pl.program_id(i) for i in range(len(grid)))  # noqa: E731
-    kernel = functools.partial(body, ids)
+    names = tuple(f"g{i}" for i in range(len(grid)))
+    kernel = functools.partial(body, lambda: tuple(lax.axis_index(a) for a in names))
     kernel.__name__ = body.__name__
-    return pl.pallas_call(
+    run = plgpu.kernel(
         kernel,
-        out_shape=list(out_type),
-        in_specs=[gmem] * len(inputs),
-        out_specs=[gmem] * len(out_type),
-        scratch_shapes=scratch,
+        out_type=list(out_type),
+        scratch_types=scratch,
         grid=grid,
-        compiler_params=plgpu.CompilerParams(),
-        name=body.__name__,
-    )(*inputs)
+        grid_names=names,
+        interpret=interpret_params() if interpret else None,
+    )
+    return run(*inputs)
 
 
 def _row(x, shape, axis):
