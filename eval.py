@@ -12,7 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, data, eval_lib
+from biformer_jax import data
+from biformer_jax.training import checkpoint, eval_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True

@@ -4,14 +4,14 @@
         --workdir=workdirs/sweep_lr
 
 Each run trains in WORKDIR/<overrides> (resumed if it exists); WORKDIR/summary.md and
-WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/sweeps.py for
+WORKDIR/summary.csv list every run's final and best eval metrics. See biformer_jax/training/sweeps.py for
 the sweep file format.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, sweeps, train_lib
+from biformer_jax.training import checkpoint, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config (configs/*.py[:arg]).", lock_config=True

@@ -16,7 +16,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import checkpoint, data, distributed, preemption, train_lib
+from biformer_jax import data
+from biformer_jax.training import checkpoint, distributed, preemption, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True

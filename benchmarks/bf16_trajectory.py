@@ -31,8 +31,8 @@ def main() -> None:
 
     import numpy as np
 
-    from biformer_jax import metrics as metrics_lib
-    from biformer_jax import train_lib
+    from biformer_jax.training import metrics as metrics_lib
+    from biformer_jax.training import train_lib
     from configs import quickstart
 
     losses, finals, times = {}, {}, {}

@@ -30,7 +30,6 @@ import time
 import jax
 import jax.numpy as jnp
 import throughput
-import train_step as ts
 
 HLO_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "f64": jnp.float64}
 _DEF = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]")
@@ -103,8 +102,8 @@ def main(argv=None) -> dict:
     model = throughput.build_model(bench)
     images = jnp.zeros((bench.batch, bench.res, bench.res, 3), jnp.float32)
     labels = jnp.zeros((bench.batch,), jnp.int32)
-    name, state, step, step_args = ts.build_train(model, images, labels, which=bench.train_step)
-    compiled = step.lower(state, *step_args).compile()
+    state, step, batch = throughput.build_train(model, images, labels, throughput.recipe(bench))
+    compiled = step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     dots = program_dots(compiled.as_text())
@@ -116,7 +115,7 @@ def main(argv=None) -> dict:
         seconds = time_dot(key, args.repeats)
         rows.append((count * seconds, count, key, dot_flops(key) / seconds / 1e9))
     rows.sort(key=lambda r: r[0], reverse=True)
-    print(f"{bench.model} batch {bench.batch} {bench.res}x{bench.res} train step ({name}): {len(rows)} distinct dots")
+    print(f"{bench.model} batch {bench.batch} {bench.res}x{bench.res} train step (trainer): {len(rows)} distinct dots")
     for total, count, ((_, lshape), (_, rshape), _, _), rate in rows[: args.top]:
         print(f"  {total * 1e3:7.1f} ms  {count:3d} x {lshape} . {rshape}  {rate:6.1f} GFLOP/s")
 
@@ -127,7 +126,7 @@ def main(argv=None) -> dict:
         "batch": bench.batch,
         "res": bench.res,
         "dtype": bench.dtype,
-        "train_step": name,
+        "train_step": "trainer",
         "dots": sum(dots.values()),
         "unique": len(dots),
         "dot_gflop": gflop,

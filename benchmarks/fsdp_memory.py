@@ -53,20 +53,14 @@ def main() -> None:
     import numpy as np
     from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
-    from biformer_jax import models, optim, sharding
-    from biformer_jax.train_state import init_train_state
+    from biformer_jax.models import from_config
+    from biformer_jax.training import sharding, train_lib
 
     config = _load_config(args.config)
-    model = models.create_model(config.model, num_classes=args.num_classes, **dict(config.model_kwargs))
-    schedule = optim.lr_schedule(config.optim, base_lr=1e-3, steps_per_epoch=1000, num_epochs=config.num_epochs)
-    tx = optim.create_optimizer(config.optim, schedule)
-    init_fn = functools.partial(
-        init_train_state,
-        model=model,
-        tx=tx,
-        input_shape=(1, args.image_size, args.image_size, 3),
-        use_ema=config.ema_decay > 0,
-    )
+    # The trainer's model, optimiser and initial state (the schedule's length changes no shape).
+    model = from_config.model_from_config(config, args.num_classes)
+    tx, _, _ = train_lib.make_optimizer(config, steps_per_epoch=1000)
+    init_fn = train_lib.make_init_fn(config, model, tx, args.image_size)
     seed = np.int32(0)
     abstract = jax.eval_shape(init_fn, seed)
     min_size = args.fsdp_min_size or int(config.sharding.fsdp_min_size)

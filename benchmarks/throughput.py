@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's biformer_jax first
 
-import train_step as steps  # noqa: E402  (benchmarks/train_step.py)
-
 from biformer_jax import models  # noqa: E402
 from biformer_jax.ops.routed_attention import IMPLS  # noqa: E402
+from biformer_jax.training import train_lib  # noqa: E402
+from configs import common  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,12 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=224, help="square input side")
     ap.add_argument("--mode", choices=("train", "infer"), default="train")
-    ap.add_argument(
-        "--train_step",
-        default="auto",
-        choices=("auto", "trainer", "bench"),
-        help="the trainer's biformer_jax.steps.train_step when importable (auto), or benchmarks/train_step.py's",
-    )
     ap.add_argument("--attn_impl", "--attn-impl", default="auto", help=f"routed attention: one of {IMPLS}")
     ap.add_argument("--dwconv_impl", "--dwconv-impl", default="auto", choices=("auto", "conv", "shift"))
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (params stay float32)")
@@ -86,6 +80,31 @@ def build_model(args):
     return models.create_model(args.model, **kw)
 
 
+# The learning-rate schedule's length changes the rate's value, not the compiled step.
+STEPS_PER_EPOCH = 1000
+
+
+def recipe(args):
+    """The official recipe of the model's family (configs/common.py): optimiser, mixup/cutmix, EMA."""
+    family = "debiformer" if args.model.startswith("debiformer") else "biformer"
+    config = common.get_base_config(args.model, drop_path_rate=args.drop_path, recipe=family)
+    config.global_batch_size = args.batch
+    return config
+
+
+def build_train(model, images: jax.Array, labels: jax.Array, config):
+    """The trainer's state and step for `model`, as train_lib builds them, jitted with the state donated.
+
+    Returns (state, step, batch): `step(state, batch)` -> (state, metrics) is
+    `biformer_jax.training.steps.train_step` with the recipe's optimiser, schedule,
+    mixup/cutmix and EMA bound (`train_lib.bind_train_step`), on one device.
+    """
+    tx, schedule, _ = train_lib.make_optimizer(config, STEPS_PER_EPOCH)
+    state = jax.jit(train_lib.make_init_fn(config, model, tx, images.shape[1]))(np.int32(config.seed))
+    step = jax.jit(train_lib.bind_train_step(config, model, tx, schedule, model.num_classes), donate_argnums=0)
+    return state, step, {"image": images, "label": labels}
+
+
 class OursBench:
     """Our step, compiled ahead of time; `step()` runs one and blocks until it is done."""
 
@@ -95,19 +114,18 @@ class OursBench:
         images = jnp.asarray(rng.standard_normal((args.batch, args.res, args.res, 3)), jnp.float32)
         labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch), jnp.int32)
         t0 = time.perf_counter()
-        self.train_step = None
         if args.mode == "train":
-            self.train_step, state, fn, step_args = steps.build_train(model, images, labels, args.train_step)
-            self.compiled = fn.lower(state, *step_args).compile()
-            self.state, self._args = state, step_args
+            state, fn, batch = build_train(model, images, labels, recipe(args))
+            self.compiled = fn.lower(state, batch).compile()
+            self.state = state
 
             def run():
-                self.state, aux = self.compiled(self.state, *self._args)
+                self.state, aux = self.compiled(self.state, batch)
                 return aux
 
         else:
             variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(jax.random.key(0))
-            fn = steps.make_infer_step(model)
+            fn = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
             self.compiled = fn.lower(variables, images).compile()
 
             def run():
@@ -187,7 +205,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "res": args.res,
         "attn_impl": args.attn_impl,
-        "train_step": ours.train_step,
+        "train_step": "trainer" if args.mode == "train" else None,  # the trainer's step (the only one)
         "dwconv_impl": args.dwconv_impl,
         "dtype": args.dtype,
         "n_win": args.n_win,

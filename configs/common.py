@@ -7,7 +7,7 @@ what differs (model, drop path, and for DeBiFormer its own optimiser settings).
 
 Every field can be overridden on the command line (`--config.optim.lr=1e-3`); a mistyped field
 fails at once because train.py locks the config. `runlocal` shrinks a config to a few steps on a
-laptop CPU: same model and data, batch 8, 10 steps, 2 eval batches.
+laptop CPU (`RUNLOCAL`: same model and data, batch 8, 10 steps, 2 eval batches).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from biformer_jax import data
+from biformer_jax.training import sweeps
 
 
 def parse_arg(arg: str | None) -> dict[str, bool]:
@@ -27,42 +28,6 @@ def parse_arg(arg: str | None) -> dict[str, bool]:
     return flags
 
 
-def imagenet_data() -> ml_collections.ConfigDict:
-    """TFDS imagenet2012 with the DeiT/timm train and eval transforms."""
-    cfg = data.default_config()
-    cfg.name = "imagenet2012"
-    cfg.image_size = 224
-    # train: bicubic RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip,
-    # RandAugment rand-m9-mstd0.5-inc1 (timm then skips color jitter), random erasing 0.25
-    # (per-pixel noise, 1 box), DeiT's repeated augmentation (3 repeats).
-    cfg.interpolation = "bicubic"
-    cfg.train_crop = "random_resized"
-    cfg.scale = (0.08, 1.0)
-    cfg.ratio = (3.0 / 4.0, 4.0 / 3.0)
-    cfg.hflip = True
-    cfg.randaugment = "rand-m9-mstd0.5-inc1"
-    cfg.color_jitter = 0.4
-    cfg.reprob = 0.25
-    cfg.remode = "pixel"
-    cfg.recount = 1
-    cfg.repeated_aug = 3
-    # eval: resize the shorter side to 256 (= 224 / 0.875, bicubic), center crop 224.
-    cfg.eval_resize = 256
-    return cfg
-
-
-def mixup() -> ml_collections.ConfigDict:
-    """Mixup 0.8 / CutMix 1.0, always on, switch probability 0.5, per batch, smoothing 0.1."""
-    cfg = data.default_mixup_config()
-    cfg.mixup_alpha = 0.8
-    cfg.cutmix_alpha = 1.0
-    cfg.prob = 1.0
-    cfg.switch_prob = 0.5
-    cfg.mode = "batch"
-    cfg.label_smoothing = 0.1
-    return cfg
-
-
 def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biformer") -> ml_collections.ConfigDict:
     """The official recipe for `model` ("biformer": BiFormer's; "debiformer": DeBiFormer's)."""
     config = ml_collections.ConfigDict()
@@ -71,8 +36,10 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.model_kwargs = ml_collections.ConfigDict(dict(drop_path_rate=drop_path_rate, drop_rate=0.0))
     config.seed = 0
 
-    config.data = imagenet_data()
-    config.mixup = mixup()
+    # The data side of the recipe is the data configs' defaults (biformer_jax/data/config.py):
+    # TFDS imagenet2012, DeiT/timm train and eval transforms, Mixup 0.8 / CutMix 1.0, smoothing 0.1.
+    config.data = data.default_config()
+    config.mixup = data.default_mixup_config()
 
     # 300 epochs at 128 images per GPU on 8 GPUs (README / scripts/train.sh).
     config.global_batch_size = 1024
@@ -154,21 +121,27 @@ def _debiformer_recipe(config: ml_collections.ConfigDict) -> None:
     config.eval_batch_size = 2000  # 250 per GPU x 8
 
 
-def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A few steps of the same model and data on a laptop CPU."""
-    config.global_batch_size = 8
-    config.num_train_steps = 10
-    config.steps_per_epoch = 5
-    config.log_every_steps = 1
-    config.eval_every_steps = 10
-    config.eval_batch_size = 8
-    config.eval_steps = 2
-    config.checkpoint.every_steps = 5
-    config.data.repeated_aug = 1
-    return config
+# "A small run", the one definition: a few steps of the same model and data on a laptop CPU.
+# `:runlocal` configs and the tests' micro runs start from it (dotted config fields).
+RUNLOCAL = {
+    "global_batch_size": 8,
+    "num_train_steps": 10,
+    "steps_per_epoch": 5,
+    "log_every_steps": 1,
+    "eval_every_steps": 10,
+    "eval_batch_size": 8,
+    "eval_steps": 2,
+    "checkpoint.every_steps": 5,
+    "data.repeated_aug": 1,
+}
+
+
+def apply_runlocal(config: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+    """A copy of `config` made a small run (RUNLOCAL), then `overrides` (dotted field names) set."""
+    return sweeps.apply_overrides(config, {**RUNLOCAL, **overrides}).unlock()
 
 
 def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     if parse_arg(arg).get("runlocal"):
-        apply_runlocal(config)
+        return apply_runlocal(config)
     return config

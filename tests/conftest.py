@@ -1,11 +1,50 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere)."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere), and the shared fixtures.
+
+The checkout, tests/ (for the `support` helpers) and benchmarks/ come first on sys.path through
+pytest's `pythonpath` setting (pyproject.toml), also when the venv holds an editable install of
+another checkout.
+"""
 
 import os
-import sys
-from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The checkout under test comes first (also when the venv holds an editable install of another).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def compilation_cache() -> str:
+    """XLA's persistent compilation cache in a fresh directory for the session (its path).
+
+    The trainer tests train the same micro BiFormer with the same batch shapes, so after the
+    first test their compiles become cache reads; their modules use it with
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`.
+    """
+    from support import train_testlib
+
+    return train_testlib.enable_compilation_cache()
+
+
+@pytest.fixture(scope="session")
+def mini_imagenet(tmp_path_factory):
+    """The real TFDS imagenet2012 (array_record) built from 3 classes x 8 train JPEGs + 3 val JPEGs."""
+    from support import imagenet_fixture
+
+    return imagenet_fixture.build_mini_imagenet(tmp_path_factory.mktemp("imagenet"), per_class=8)
+
+
+@pytest.fixture
+def micro_config():
+    """`micro_config(**overrides)`: the quickstart's micro run (train_testlib.micro_config)."""
+    from support import train_testlib
+
+    return train_testlib.micro_config
+
+
+@pytest.fixture
+def imagenet_micro_config(mini_imagenet):
+    """`imagenet_micro_config(**overrides)`: BiFormer-S's ImageNet recipe, micro model, on mini_imagenet."""
+    from support import train_testlib
+
+    return lambda **overrides: train_testlib.imagenet_micro_config(mini_imagenet, **overrides)

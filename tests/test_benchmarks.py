@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
+import dot_bound
 import jax
 import jax.numpy as jnp
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import dot_bound  # noqa: E402
 
 
 def test_dot_bound_finds_every_dot_of_a_compiled_program():

@@ -9,8 +9,9 @@ import sys
 import jax
 import pytest
 
-from biformer_jax import eval_lib, models
+from biformer_jax import models
 from biformer_jax.data import config as data_config
+from biformer_jax.models import from_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 CONFIGS = ["quickstart", "biformer_t", "biformer_s", "biformer_b", "debiformer_t", "debiformer_s", "debiformer_b"]
@@ -36,8 +37,8 @@ def test_config_loads_and_builds_its_model(name):
         assert config.data.image_size % 32 == 0
     if config.model not in models.list_models():
         pytest.skip(f"{config.model} is not registered in create_model yet")
-    model = eval_lib.model_from_config(config, num_classes=1000 if name != "quickstart" else 10)
-    variables = eval_lib.abstract_variables(model, config.data.image_size)
+    model = from_config.model_from_config(config, num_classes=1000 if name != "quickstart" else 10)
+    variables = from_config.abstract_variables(model, config.data.image_size)
     assert variables["params"]["head"]["kernel"].shape[-1] == (10 if name == "quickstart" else 1000)
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) > 0
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import require
+from support.golden import require
 
 from biformer_jax import convert, models
 from biformer_jax.convert import CheckpointMismatchError

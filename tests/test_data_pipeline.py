@@ -94,6 +94,22 @@ def test_epoch_visits_every_record_once_without_repeats():
     assert epoch0.min() >= 0 and epoch0.max() < 103
 
 
+def test_a_shorter_epoch_is_the_samplers_and_the_schedules_alike():
+    # config.steps_per_epoch=4: the sampler reshuffles after 4 steps, as the schedule counts epochs.
+    sampler = pipeline.TrainSampler(num_examples=103, global_batch_size=10, repeats=1, seed=0, epoch_steps=4)
+    assert sampler.steps_per_epoch == data.steps_per_epoch(103, 10, 4) == 4
+    whole = pipeline.TrainSampler(num_examples=103, global_batch_size=10, repeats=1, seed=0)
+    np.testing.assert_array_equal(sampler.records(3), whole.records(3))  # same first epoch so far
+    np.testing.assert_array_equal(sampler.records(4), whole.records(10))  # then epoch 1 starts
+    with pytest.raises(ValueError, match="config.steps_per_epoch=11 is more than the 10 batches"):
+        data.steps_per_epoch(103, 10, 11)
+    # With 3 repeats an epoch's stream holds every record 3 times: up to 30 batches of 10.
+    repeated = pipeline.TrainSampler(num_examples=103, global_batch_size=10, repeats=3, seed=0, epoch_steps=30)
+    assert repeated.records(29).max() < 103
+    with pytest.raises(ValueError, match="more than the 30 batches of 10"):
+        data.steps_per_epoch(103, 10, 31, repeats=3)
+
+
 def test_repeated_augmentation_puts_copies_on_different_devices():
     batch, repeats, devices = 48, 3, 8
     sampler = pipeline.TrainSampler(num_examples=960, global_batch_size=batch, repeats=repeats, seed=0)

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from golden import eval_case, recipe_value, require
+from support.golden import eval_case, recipe_value, require
 
 from biformer_jax import convert, models
 from biformer_jax.models.deformable import DeBiLevelRoutingAttention
+from biformer_jax.models.routing import RoutingSettings
 from biformer_jax.ops.grid_sample import grid_sample
 from biformer_jax.ops.strided_depthwise import strided_depthwise_conv
 from biformer_jax.ops.topk import topk
@@ -259,9 +260,8 @@ def test_attention_module_any_size_and_impls():
     x = jax.random.normal(jax.random.key(0), (1, 11, 7, 16))
     outs = {}
     for impl in ("shift", "conv"):
-        attn = DeBiLevelRoutingAttention(
-            dim=16, num_heads=2, n_win=3, topk=4, settings=(2, 3, 2, 2, 5), dwconv_impl=impl
-        )
+        routing = RoutingSettings(num_heads=2, n_win=3, topk=4, dwconv_impl=impl, topk_ties="torch", torch_init=True)
+        attn = DeBiLevelRoutingAttention(dim=16, routing=routing, settings=(2, 3, 2, 2, 5))
         variables = jax.jit(attn.init)(jax.random.key(1), x)
         outs[impl] = jax.jit(attn.apply)(variables, x)
     assert outs["shift"].shape == x.shape and np.isfinite(outs["shift"]).all()

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from biformer_jax import data, models, sharding, train_lib
+from biformer_jax import data, models
+from biformer_jax.training import sharding, train_lib
 
 KERNEL_CALLS = ("mosaic_gpu_v2", "tpu_custom_call")
 EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in KERNEL_CALLS]

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import eval_case, rel_l2, require
+from support.golden import eval_case, rel_l2, require
 
 from biformer_jax import convert, models
 

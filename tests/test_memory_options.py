@@ -10,15 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import train_testlib
+from support import train_testlib
 
-from biformer_jax import eval_lib, steps, train_lib
-from biformer_jax.train_state import init_train_state
+from biformer_jax.models import from_config
+from biformer_jax.training import steps, train_lib
+from biformer_jax.training.train_state import init_train_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache():
-    train_testlib.enable_compilation_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 class _NoBatchNorm(nn.Module):
@@ -67,7 +65,7 @@ def test_grad_accumulation_equals_one_full_batch_step():
 
 def _micro(**overrides):
     config = train_testlib.micro_config(**overrides)
-    return eval_lib.model_from_config(config, 10), config
+    return from_config.model_from_config(config, 10), config
 
 
 def _small_variables(model) -> dict:

@@ -9,8 +9,9 @@ import pytest
 from flax import linen as nn
 
 from biformer_jax import models
-from biformer_jax.models.layers import ConvMlp, depthwise_conv, layer_norm
-from biformer_jax.models.routing import BiLevelRoutingAttention, adaptive_pool
+from biformer_jax.models.layers import ConvMlp, LayerNormParams, layer_norm
+from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings, adaptive_pool
+from biformer_jax.ops.depthwise import depthwise_conv
 
 MICRO = dict(
     depth=(1, 1, 1, 1),
@@ -202,11 +203,15 @@ class _NormThen(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        routing = RoutingSettings(num_heads=2, n_win=4, topk=3, auto_pad=True)
+        if self.fused:
+            norm1, norm2 = LayerNormParams(name="norm1"), LayerNormParams(name="norm2")
+            attn = BiLevelRoutingAttention(16, routing, norm=norm1, name="attn")
+            x = x + attn(x)
+            return x + ConvMlp(48, 16, norm=norm2, name="mlp")(x)
         norm1, norm2 = layer_norm("norm1", jnp.float32, jnp.float32), layer_norm("norm2", jnp.float32, jnp.float32)
-        attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=4, topk=3, auto_pad=True, name="attn")
-        mlp = ConvMlp(48, 16, name="mlp")
-        x = x + (attn(x, norm=norm1) if self.fused else attn(norm1(x)))
-        return x + (mlp(x, norm=norm2) if self.fused else mlp(norm2(x)))
+        x = x + BiLevelRoutingAttention(16, routing, name="attn")(norm1(x))
+        return x + ConvMlp(48, 16, name="mlp")(norm2(x))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (2, 10, 7, 16)])  # on the region grid, and auto-padded

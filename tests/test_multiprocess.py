@@ -16,7 +16,7 @@ import socket
 
 import numpy as np
 import pytest
-import subprocess_testlib as sp
+from support import subprocess_testlib as sp
 
 pytestmark = pytest.mark.slow  # three launches of train.py (two of them two processes)
 

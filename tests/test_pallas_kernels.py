@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import rel_l2
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from support.golden import rel_l2
 from test_routed_attention import assert_all_close, make_inputs, value_and_grads
 
 from biformer_jax.ops import pallas_gpu_routed_attention as gpu

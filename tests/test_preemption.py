@@ -12,7 +12,7 @@ import os
 import signal
 
 import pytest
-import subprocess_testlib as sp
+from support import subprocess_testlib as sp
 
 pytestmark = pytest.mark.slow  # a few train.py runs of the micro model (compiles shared)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from golden import rel_l2, require, route_agreement
+from support.golden import rel_l2, require, route_agreement
 
 from biformer_jax import convert, models
 from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention, default_chunk

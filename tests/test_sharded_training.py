@@ -10,10 +10,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import train_testlib
 from jax.sharding import PartitionSpec
+from support import train_testlib
 
-from biformer_jax import checkpoint, data, sharding, train_lib
+from biformer_jax import data
+from biformer_jax.training import checkpoint, sharding, train_lib
 
 NUM_STEPS = 3
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring
@@ -28,9 +29,7 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache():
-    train_testlib.enable_compilation_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _config(data_axis: int, fsdp_axis: int, **overrides):

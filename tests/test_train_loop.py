@@ -7,20 +7,17 @@ import os
 import subprocess
 import sys
 
-import imagenet_fixture
 import jax
 import numpy as np
 import pytest
-import train_testlib
+from support import train_testlib
 
-from biformer_jax import checkpoint, data, eval_lib, models, sweeps, train_lib
-from biformer_jax import metrics as metrics_lib
+from biformer_jax import data, models
 from biformer_jax.convert import files as convert_files
+from biformer_jax.training import checkpoint, eval_lib, sweeps, train_lib
+from biformer_jax.training import metrics as metrics_lib
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _compile_cache():
-    train_testlib.enable_compilation_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -28,9 +25,9 @@ def _losses(workdir) -> dict[int, float]:
     return {step: r["train/loss"] for step, r in records.items() if "train/loss" in r}
 
 
-def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
+def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_config):
     workdir = tmp_path / "run"
-    final = train_lib.train_and_evaluate(train_testlib.micro_config(), workdir)
+    final = train_lib.train_and_evaluate(micro_config(), workdir)
 
     assert set(final) == {f"{p}/{m}" for p in ("eval", "eval_ema") for m in ("top1", "top5", "loss")}
     assert all(0.0 <= final[f"{p}/top1"] <= final[f"{p}/top5"] <= 1.0 for p in ("eval", "eval_ema"))
@@ -47,7 +44,7 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path):
     ref = checkpoint.resolve(workdir)
     assert (ref.kind, ref.step) == ("train", 4)
     assert checkpoint.load_meta(ref)["model"] == "biformer_micro"
-    results = eval_lib.evaluate_checkpoint(train_testlib.micro_config(), str(workdir))
+    results = eval_lib.evaluate_checkpoint(micro_config(), str(workdir))
     assert results["top1"] == pytest.approx(final["eval/top1"]) and results["ema"]["top1"] == pytest.approx(
         final["eval_ema/top1"]
     )
@@ -64,14 +61,14 @@ def _converter_meta(**model_kwargs) -> dict:
     }
 
 
-def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path):
+def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path, micro_config):
     model = models.create_model("biformer_micro", depth=(1, 1, 1, 1), num_classes=10)
     variables = train_testlib.random_variables(model, seed=1)
     convert_files.save_converted(tmp_path / "converted", variables, _converter_meta(num_classes=10))
     config_file = tmp_path / "micro.py"  # the tests' micro config, so the eval compile is a cache hit
     config_file.write_text(
         f"import sys\nsys.path.insert(0, {str(train_testlib.ROOT / 'tests')!r})\n"
-        "import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
+        "from support import train_testlib\n\n\ndef get_config():\n    return train_testlib.micro_config()\n"
     )
     env = {
         **os.environ,
@@ -95,13 +92,13 @@ def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and np.isfinite(result["loss"])
-    assert result["num_examples"] == data.dataset_info(train_testlib.micro_config().data).num_eval_examples
+    assert result["num_examples"] == data.dataset_info(micro_config().data).num_eval_examples
     assert "ema" not in result  # a converter checkpoint holds one set of weights
     assert json.loads((tmp_path / "converted" / eval_lib.EVAL_RESULTS_FILE).read_text()) == result
     # The same numbers in process, through the converter's own reader of that directory.
     loaded, meta = convert_files.load_converted(tmp_path / "converted")
     assert meta["model"] == "biformer_micro"
-    direct = eval_lib.evaluate_checkpoint(train_testlib.micro_config(eval_steps=-1), str(tmp_path / "converted"))
+    direct = eval_lib.evaluate_checkpoint(micro_config(eval_steps=-1), str(tmp_path / "converted"))
     assert direct["top1"] == pytest.approx(result["top1"]) and direct["loss"] == pytest.approx(result["loss"], rel=1e-5)
     np.testing.assert_array_equal(loaded["params"]["head"]["kernel"], variables["params"]["head"]["kernel"])
 
@@ -110,14 +107,8 @@ class Preempted(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def mini_imagenet(tmp_path_factory):
-    """TFDS imagenet2012 built from 3 classes x 8 train JPEGs + 3 validation JPEGs."""
-    return imagenet_fixture.build_mini_imagenet(tmp_path_factory.mktemp("imagenet"), per_class=8)
-
-
-def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, mini_imagenet):
-    config = train_testlib.imagenet_micro_config(mini_imagenet)
+def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, imagenet_micro_config):
+    config = imagenet_micro_config()
     train_lib.train_and_evaluate(config, tmp_path / "straight")
 
     real_iterator = data.train_iterator
@@ -142,7 +133,7 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, mi
     assert sum(json.loads(line)["step"] == 5 and "train/loss" in line for line in lines) == 2  # appended
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, micro_config):
     real_iterator = data.train_iterator
 
     def nan_at_step_three(*args, **kwargs):
@@ -154,14 +145,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(data, "train_iterator", nan_at_step_three)
     workdir = tmp_path / "nan"
     with pytest.raises(train_lib.NonFiniteLossError, match=r"between steps 3 and 3.*last good checkpoint \(step 2\)"):
-        train_lib.train_and_evaluate(train_testlib.micro_config(), workdir)
+        train_lib.train_and_evaluate(micro_config(), workdir)
     assert checkpoint.resolve(workdir).step == 2
     variables = checkpoint.load_variables(workdir)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
 
-def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog):
-    config = train_testlib.micro_config()
+def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog, micro_config):
+    config = micro_config()
     variables = train_testlib.random_variables(models.create_model("biformer_micro", depth=(1, 1, 1, 1), num_classes=7))
     # Written by the converter's own writer (python -m biformer_jax.convert), as official weights would be.
     convert_files.save_converted(tmp_path / "pretrained", variables, _converter_meta(num_classes=7))
@@ -186,28 +177,28 @@ def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog):
     )
 
 
-def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path):
+def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path, micro_config):
     other = models.create_model(
         "biformer_micro", depth=(1, 1, 1, 1), embed_dim=(8, 32, 64, 128), qk_dims=(8, 32, 64, 128)
     )
     variables = train_testlib.random_variables(other)
     convert_files.save_converted(tmp_path / "other", variables, _converter_meta(embed_dim=[8, 32, 64, 128]))
-    config = train_testlib.micro_config(init_from=str(tmp_path / "other"))
+    config = micro_config(init_from=str(tmp_path / "other"))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
         train_lib.train_and_evaluate(config, tmp_path / "ft")
     message = str(err.value)
-    assert "with a different shape" in message
+    assert "wrong shape" in message
     assert "params/downsample_layers_0/0/kernel: checkpoint (3, 3, 3, 4), model (3, 3, 3, 8)" in message
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match the model"):
-        eval_lib.evaluate_checkpoint(train_testlib.micro_config(), str(tmp_path / "other"))
+        eval_lib.evaluate_checkpoint(micro_config(), str(tmp_path / "other"))
 
 
-def test_sweep_runs_every_point_and_writes_a_summary(tmp_path):
+def test_sweep_runs_every_point_and_writes_a_summary(tmp_path, micro_config):
     sweep_file = tmp_path / "seeds.py"
     sweep_file.write_text("def get_sweep(h):\n    return h.product([h.sweep('config.seed', [0, 1])])\n")
     points = sweeps.load_sweep(sweep_file)
     assert points == [{"seed": 0}, {"seed": 1}]
-    config = train_testlib.micro_config()  # the other tests' step count: their compiled step is reused
+    config = micro_config()  # the other tests' step count: their compiled step is reused
     rows = sweeps.run_sweep(config, points, str(tmp_path / "root"), train_lib.train_and_evaluate)
     assert [r["run"] for r in rows] == ["seed=0", "seed=1"] and all(r["status"] == "ok" for r in rows)
     assert all(0.0 <= r["eval/top1"] <= 1.0 and r["step"] == 4 for r in rows)

@@ -22,30 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from biformer_jax.models.from_config import CheckpointMismatchError, abstract_variables, dummy_input
+
 _BN_STATS = {"mean": "running_mean", "var": "running_var", "num_batches_tracked": "num_batches_tracked"}
-
-
-class CheckpointMismatchError(ValueError):
-    """A state_dict does not fit the model: lists every missing, unexpected and mis-shaped key."""
-
-    def __init__(self, missing, unexpected, mismatched, model_desc: str):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"The state_dict does not match {model_desc}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {item}" for item in items[:50])
-                if len(items) > 50:
-                    lines.append(f"    ... and {len(items) - 50} more")
-        lines.append(
-            "Check that the model name and its arguments are the ones the checkpoint was trained "
-            "with (for example biformer_small vs biformer_base, num_classes)."
-        )
-        super().__init__("\n".join(lines))
 
 
 def _component(name: str) -> str:
@@ -78,18 +60,6 @@ def _from_torch_layout(path: tuple[str, ...], value: np.ndarray, ndim: int) -> n
         if ndim == 4 and value.ndim == 4:
             return value.transpose(2, 3, 1, 0)
     return value
-
-
-def dummy_input(model) -> jax.ShapeDtypeStruct:
-    """An input shape every registered model accepts, for shape inference only."""
-    side = 32 * getattr(model, "n_win", 7)
-    return jax.ShapeDtypeStruct((1, side, side, getattr(model, "in_chans", 3)), jnp.float32)
-
-
-def abstract_variables(model) -> dict[str, Any]:
-    """The model's variables as ShapeDtypeStructs (no compute)."""
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy_input(model))
-    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
 
 def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,7 +112,15 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model, *, strict: bool 
         out[collection] = traverse_util.unflatten_dict(converted)
     unexpected = [] if not strict else sorted(set(sd) - used)
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(missing, unexpected, mismatched, _describe(model))
+        raise CheckpointMismatchError(
+            "The state_dict",
+            _describe(model),
+            missing,
+            unexpected,
+            mismatched,
+            hint="Check that the model name and its arguments are the ones the checkpoint was trained "
+            "with (for example biformer_small vs biformer_base, num_classes).",
+        )
     return out
 
 
@@ -178,6 +156,7 @@ def _model_fields(model) -> dict[str, Any]:
 __all__ = [
     "CheckpointMismatchError",
     "abstract_variables",
+    "dummy_input",
     "from_torch_state_dict",
     "to_torch_state_dict",
     "torch_key",

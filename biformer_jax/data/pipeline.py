@@ -2,13 +2,15 @@
 
 The content of global train step s is a pure function of (cfg, seed, s, global batch size):
   epoch e = s // steps_per_epoch, with steps_per_epoch = num_train // B (the remainder of each
-  epoch is dropped, as drop_last does). Epoch e visits the records in a permutation drawn from
-  (seed, e); with repeated augmentation r, the epoch's stream is that permutation with every
-  record repeated r times, cut to the epoch length (DeiT's RASampler: 1/r of the images, each r
-  times, per epoch). Step s takes stream positions [k B, (k + 1) B), k = s mod steps_per_epoch,
-  and lays them out so that the r copies of an image sit about B / r rows apart: on different
-  devices whenever the batch is split over >= r devices (RASampler sends copies to different
-  ranks). Row j of the step is augmented with a Generator seeded by (seed, s, j).
+  epoch is dropped, as drop_last does) unless config.steps_per_epoch asks for fewer (the
+  learning-rate schedule counts epochs by the same `steps_per_epoch`). Epoch e visits the
+  records in a permutation drawn from (seed, e); with repeated augmentation r, the epoch's
+  stream is that permutation with every record repeated r times, cut to the epoch length
+  (DeiT's RASampler: 1/r of the images, each r times, per epoch). Step s takes stream
+  positions [k B, (k + 1) B), k = s mod steps_per_epoch, and lays them out so that the r
+  copies of an image sit about B / r rows apart: on different devices whenever the batch is
+  split over >= r devices (RASampler sends copies to different ranks). Row j of the step is
+  augmented with a Generator seeded by (seed, s, j).
 Host p of P yields rows [p B / P, (p + 1) B / P) of every step, so any number of hosts, and a
 restart at any step, see exactly the rows the uninterrupted single-host run sees. Records are
 read by index: resuming costs nothing (no skipping through a stream).
@@ -34,9 +36,28 @@ _EPOCH_SALT = 0x0E90C
 _AUGMENT_SALT = 0xA06
 
 
-def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
-    """Whole global batches per epoch (the remainder of every epoch is dropped)."""
-    return num_train_examples // global_batch_size
+def steps_per_epoch(num_train_examples: int, global_batch_size: int, requested: int = -1, repeats: int = 1) -> int:
+    """Steps per epoch: `requested` when > 0, else the whole global batches in the train split.
+
+    The one definition of an epoch, for the sampler and the learning-rate schedule alike (the
+    remainder of every epoch is dropped). `requested` (config.steps_per_epoch) must fit in one
+    epoch's stream, in which each record stands `repeats` (data.repeated_aug) times.
+    """
+    whole = num_train_examples // global_batch_size
+    if whole < 1:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is larger than the train split ({num_train_examples} examples); "
+            "lower it."
+        )
+    if requested <= 0:
+        return whole
+    most = num_train_examples * repeats // global_batch_size
+    if requested > most:
+        raise ValueError(
+            f"config.steps_per_epoch={requested} is more than the {most} batches of {global_batch_size} that one "
+            f"epoch holds ({num_train_examples} examples x {repeats} repeats); lower it, or set -1 for {whole}."
+        )
+    return requested
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -62,13 +83,9 @@ def repeat_layout(batch: int, repeats: int) -> np.ndarray:
 class TrainSampler:
     """Maps a global step to the record index of every row of its global batch."""
 
-    def __init__(self, num_examples: int, global_batch_size: int, repeats: int, seed: int):
+    def __init__(self, num_examples: int, global_batch_size: int, repeats: int, seed: int, epoch_steps: int = -1):
         self.num_examples, self.batch, self.repeats, self.seed = num_examples, global_batch_size, repeats, seed
-        self.steps_per_epoch = steps_per_epoch(num_examples, global_batch_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is larger than the train split ({num_examples} examples)."
-            )
+        self.steps_per_epoch = steps_per_epoch(num_examples, global_batch_size, epoch_steps, repeats)
         self.layout = repeat_layout(global_batch_size, repeats)
         self._perms: dict[int, np.ndarray] = {}
 
@@ -177,13 +194,17 @@ def train_iterator(
     global_batch_size: int,
     process_index: int,
     process_count: int,
+    epoch_steps: int = -1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator over this host's train batches; the k-th is global step start_step + k."""
+    """Infinite iterator over this host's train batches; the k-th is global step start_step + k.
+
+    `epoch_steps` (config.steps_per_epoch): steps per epoch when > 0, else `steps_per_epoch`'s.
+    """
     rows = _host_rows(global_batch_size, process_index, process_count)
     if start_step < 0 or seed < 0:
         raise ValueError(f"seed and start_step must be >= 0, got seed={seed}, start_step={start_step}.")
     source, _ = sources.open_source(cfg, "train")
-    sampler = TrainSampler(len(source), global_batch_size, cfg.repeated_aug, seed)
+    sampler = TrainSampler(len(source), global_batch_size, cfg.repeated_aug, seed, epoch_steps)
     make_batch = TrainBatch(source, transforms.TrainTransform(cfg), sampler, seed, rows)
     return _run(grain.MapDataset.range(start_step, _MAX_STEPS).map(make_batch), cfg)
 

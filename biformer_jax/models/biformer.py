@@ -5,9 +5,9 @@ A conv stem (two 3x3/2 convs) and three 3x3/2 downsampling convs, each followed 
 BatchNorm, feed four stages of blocks; the token mixer of a stage is chosen by its topk:
 > 0 bi-level routing attention, -1 global attention, -2 global attention with LePE, 0 a
 depthwise-conv pseudo attention. A final BatchNorm, global average pooling and a Linear
-head give the logits. Module names follow the official state_dict (`downsample_layers_0`
-holds `0`, `1`, `3`, `4` as `downsample_layers.0.{0,1,3,4}`; block j of stage i is
-`stages_i_j`), which is what lets `biformer_jax.convert` map checkpoints by rule.
+head give the logits. The stem, stage loop and head are `stages`' (shared with DeBiFormer);
+module names follow the official state_dict, which is what lets `biformer_jax.convert`
+map checkpoints by rule.
 """
 
 from __future__ import annotations
@@ -17,105 +17,57 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
+from biformer_jax.models import stages
 from biformer_jax.models.attention import Attention, AttentionLePE, PseudoAttention
-from biformer_jax.models.layers import (
-    BatchNorm,
-    ConvMlp,
-    DepthwiseConv2d,
-    DropPath,
-    Dtype,
-    check_nhwc_input,
-    conv2d,
-    dense,
-    gelu,
-    layer_norm,
-    per_stage,
-)
-from biformer_jax.models.routing import BiLevelRoutingAttention
+from biformer_jax.models.layers import ConvMlp, DepthwiseConv2d, DropPath, Dtype, LayerNormParams, layer_norm
+from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings
 
 
 class Block(nn.Module):
-    """One BiFormer block: conv position embedding, token mixer, MLP (pre- or post-norm)."""
+    """One BiFormer block: conv position embedding, token mixer, MLP (pre- or post-norm).
+
+    The stage's routing settings (`routing.topk` also picks the token mixer) come from the
+    model; with pre-norm, BRA and the MLP apply norm1 / norm2 fused into their first Linear.
+    """
 
     dim: int
     drop_path: float = 0.0
     layer_scale_init_value: float = -1.0
-    num_heads: int = 8
-    n_win: int = 7
-    qk_dim: Optional[int] = None
-    qk_scale: Optional[float] = None
-    kv_per_win: int = 4
-    kv_downsample_ratio: int = 4
-    kv_downsample_mode: str = "ada_avgpool"
-    topk: int = 4
-    param_attention: str = "qkvo"
-    param_routing: bool = False
-    diff_routing: bool = False
-    soft_routing: bool = False
     mlp_ratio: float = 4
     mlp_dwconv: bool = False
-    side_dwconv: int = 5
     before_attn_dwconv: int = 3
     pre_norm: bool = True
-    auto_pad: bool = False
-    attn_impl: str = "auto"
-    dwconv_impl: str = "auto"
+    routing: RoutingSettings = RoutingSettings()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def token_mixer(self) -> nn.Module:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
-        if self.topk > 0:
-            return BiLevelRoutingAttention(
-                dim=self.dim,
-                num_heads=self.num_heads,
-                n_win=self.n_win,
-                qk_dim=self.qk_dim,
-                qk_scale=self.qk_scale,
-                kv_per_win=self.kv_per_win,
-                kv_downsample_ratio=self.kv_downsample_ratio,
-                kv_downsample_mode=self.kv_downsample_mode,
-                topk=self.topk,
-                param_attention=self.param_attention,
-                param_routing=self.param_routing,
-                diff_routing=self.diff_routing,
-                soft_routing=self.soft_routing,
-                side_dwconv=self.side_dwconv,
-                auto_pad=self.auto_pad,
-                attn_impl=self.attn_impl,
-                dwconv_impl=self.dwconv_impl,
-                **kw,
-            )
-        if self.topk == -1:
+    def token_mixer(self, norm: Optional[LayerNormParams]) -> nn.Module:
+        r, kw = self.routing, dict(dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        if r.topk > 0:
+            return BiLevelRoutingAttention(self.dim, r, norm=norm, **kw)
+        if r.topk == -1:
             return Attention(dim=self.dim, **kw)
-        if self.topk == -2:
-            return AttentionLePE(dim=self.dim, side_dwconv=self.side_dwconv, dwconv_impl=self.dwconv_impl, **kw)
-        if self.topk == 0:
-            return PseudoAttention(dim=self.dim, dwconv_impl=self.dwconv_impl, **kw)
+        if r.topk == -2:
+            return AttentionLePE(dim=self.dim, side_dwconv=r.side_dwconv, dwconv_impl=r.dwconv_impl, **kw)
+        if r.topk == 0:
+            return PseudoAttention(dim=self.dim, dwconv_impl=r.dwconv_impl, **kw)
         raise ValueError(
-            f"topk={self.topk} is not a valid token mixer: use topk > 0 (routing attention), -1 "
+            f"topk={r.topk} is not a valid token mixer: use topk > 0 (routing attention), -1 "
             "(global attention), -2 (global attention with LePE) or 0 (conv pseudo attention)."
         )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
+        dt, pdt, impl = self.dtype, self.param_dtype, self.routing.dwconv_impl
         if self.before_attn_dwconv > 0:
             # The official conv uses padding=1, i.e. "same" only for the 3x3 it ships with.
-            x = x + DepthwiseConv2d(
-                self.before_attn_dwconv,
-                padding=1,
-                impl=self.dwconv_impl,
-                dtype=dt,
-                param_dtype=pdt,
-                name="pos_embed",
-            )(x)
-        attn = self.token_mixer()
-        mlp = ConvMlp(int(self.mlp_ratio * self.dim), self.dim, self.mlp_dwconv, self.dwconv_impl, dt, pdt, name="mlp")
-        norm1, norm2 = layer_norm("norm1", dt, pdt), layer_norm("norm2", dt, pdt)
+            pos_embed = DepthwiseConv2d(
+                self.before_attn_dwconv, padding=1, impl=impl, dtype=dt, param_dtype=pdt, name="pos_embed"
+            )
+            x = x + pos_embed(x)
+        hidden = int(self.mlp_ratio * self.dim)
         drop = DropPath(self.drop_path)
         if self.layer_scale_init_value > 0:
             init = nn.initializers.constant(self.layer_scale_init_value)
@@ -128,48 +80,27 @@ class Block(nn.Module):
             return y if g is None else g * y
 
         if self.pre_norm:
-            # BRA fuses norm1 into its qkv Linear; the other token mixers take norm1(x).
-            fused = isinstance(attn, BiLevelRoutingAttention)
-            x = x + drop(scaled(g1, attn(x, norm=norm1) if fused else attn(norm1(x))), train)
-            x = x + drop(scaled(g2, mlp(x, norm=norm2)), train)
-        else:
-            x = norm1(x + drop(scaled(g1, attn(x)), train))
-            x = norm2(x + drop(scaled(g2, mlp(x)), train))
-        return x
-
-
-class Stem(nn.Module):
-    """conv3x3/2 -> BN -> GELU -> conv3x3/2 -> BN (official downsample_layers.0)."""
-
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        dt, pdt, half = self.dtype, self.param_dtype, self.dim // 2
-        x = conv2d(half, 3, x.shape[-1], "0", dt, pdt, stride=2, padding=1)(x)
-        x = gelu(BatchNorm(dtype=dt, param_dtype=pdt, name="1")(x, train))
-        x = conv2d(self.dim, 3, half, "3", dt, pdt, stride=2, padding=1)(x)
-        return BatchNorm(dtype=dt, param_dtype=pdt, name="4")(x, train)
-
-
-class Downsample(nn.Module):
-    """conv3x3/2 -> BN between stages (official downsample_layers.1-3)."""
-
-    dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = conv2d(self.dim, 3, x.shape[-1], "0", self.dtype, self.param_dtype, stride=2, padding=1)(x)
-        return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x, train)
-
-
-def stochastic_depth_rates(drop_path_rate: float, depth: Sequence[int]) -> list[float]:
-    """torch.linspace(0, rate, sum(depth)) as the official code computes it (float32)."""
-    return [float(r) for r in np.linspace(0.0, drop_path_rate, sum(depth), dtype=np.float32)]
+            # BRA and the MLP apply their pre-norm fused into their first Linear (NormDense);
+            # the other token mixers take norm1(x).
+            fused = self.routing.topk > 0
+            norm1 = LayerNormParams(param_dtype=pdt, name="norm1") if fused else layer_norm("norm1", dt, pdt)
+            attn = self.token_mixer(norm1 if fused else None)
+            mlp = ConvMlp(
+                hidden,
+                self.dim,
+                self.mlp_dwconv,
+                impl,
+                dt,
+                pdt,
+                LayerNormParams(param_dtype=pdt, name="norm2"),
+                name="mlp",
+            )
+            x = x + drop(scaled(g1, attn(x) if fused else attn(norm1(x))), train)
+            return x + drop(scaled(g2, mlp(x)), train)
+        attn, mlp = self.token_mixer(None), ConvMlp(hidden, self.dim, self.mlp_dwconv, impl, dt, pdt, name="mlp")
+        norm1, norm2 = layer_norm("norm1", dt, pdt), layer_norm("norm2", dt, pdt)
+        x = norm1(x + drop(scaled(g1, attn(x)), train))
+        return norm2(x + drop(scaled(g2, mlp(x)), train))
 
 
 class BiFormer(nn.Module):
@@ -224,94 +155,19 @@ class BiFormer(nn.Module):
 
     @property
     def feature_info(self) -> tuple[dict[str, Any], ...]:
-        return tuple(
-            {"num_chs": c, "reduction": 4 * 2**i, "module": f"stages_{i}"} for i, c in enumerate(self.embed_dim)
-        )
+        return stages.feature_info(self.embed_dim)
 
     def validate(self) -> None:
-        for name in (
-            "depth",
-            "embed_dim",
-            "kv_per_wins",
-            "topks",
-            "qk_dims",
-            "kv_downsample_ratios",
-            "kv_downsample_kernels",
-            "mlp_ratios",
-        ):
-            per_stage(getattr(self, name), name)
-        if self.representation_size:
-            raise ValueError(
-                "representation_size is not supported: the official BiFormer's pre-logits layer is "
-                "built with a list width and cannot run; leave it None."
-            )
-        if self.pe not in (None, "none"):
-            raise ValueError(f"pe={self.pe!r}: the official code only accepts None / 'none'.")
-        for i, (dim, qk) in enumerate(zip(self.embed_dim, self.qk_dims)):
-            qk = qk or dim
-            if self.topks[i] > 0 and (qk < self.head_dim or qk % self.head_dim):
-                raise ValueError(
-                    f"stage {i}: qk_dim {qk} is not a multiple of head_dim {self.head_dim}, so it "
-                    "cannot be split into heads; choose head_dim dividing qk_dims."
-                )
+        stages.check_official_args(self, "the official BiFormer")
+        stages.check_head_split(self, [i for i in range(4) if self.topks[i] > 0])
+
+    def stage_kwargs(self, i: int) -> dict[str, Any]:
+        return dict(routing=stages.stage_routing(self, i))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         self.validate()
-        check_nhwc_input(x, self.in_chans, "BiFormer")
-        dt, pdt = self.dtype, self.param_dtype
-        x = x.astype(dt)
-        dp_rates = stochastic_depth_rates(self.drop_path_rate, self.depth)
-        block_cls = Block
-        features, cur = [], 0
-        for i in range(4):
-            if i == 0:
-                x = Stem(self.embed_dim[0], dt, pdt, name="downsample_layers_0")(x, train)
-            else:
-                x = Downsample(self.embed_dim[i], dt, pdt, name=f"downsample_layers_{i}")(x, train)
-            # remat per stage, the official use_checkpoint_stages; `train` is static.
-            block_cls = nn.remat(Block, static_argnums=(2,)) if i in self.use_checkpoint_stages else Block
-            qk_dim = self.qk_dims[i] or self.embed_dim[i]
-            for j in range(self.depth[i]):
-                x = block_cls(
-                    dim=self.embed_dim[i],
-                    drop_path=dp_rates[cur + j],
-                    layer_scale_init_value=self.layer_scale_init_value,
-                    topk=self.topks[i],
-                    num_heads=qk_dim // self.head_dim,
-                    n_win=self.n_win,
-                    qk_dim=qk_dim,
-                    qk_scale=self.qk_scale,
-                    kv_per_win=self.kv_per_wins[i],
-                    kv_downsample_ratio=self.kv_downsample_ratios[i],
-                    kv_downsample_mode=self.kv_downsample_mode,
-                    param_attention=self.param_attention,
-                    param_routing=self.param_routing,
-                    diff_routing=self.diff_routing,
-                    soft_routing=self.soft_routing,
-                    mlp_ratio=self.mlp_ratios[i],
-                    mlp_dwconv=self.mlp_dwconv,
-                    side_dwconv=self.side_dwconv,
-                    before_attn_dwconv=self.before_attn_dwconv,
-                    pre_norm=self.pre_norm,
-                    auto_pad=self.auto_pad,
-                    attn_impl=self.attn_impl,
-                    dwconv_impl=self.dwconv_impl,
-                    dtype=dt,
-                    param_dtype=pdt,
-                    name=f"stages_{i}_{j}",
-                )(x, train)
-            cur += self.depth[i]
-            features.append(x)
-        if self.features_only:
-            return features
-        x = BatchNorm(dtype=dt, param_dtype=pdt, name="norm")(x, train)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)  # (N, C)
-        if self.num_classes > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = dense(self.num_classes, "head", dt, pdt)(x)
-        logits = x.astype(jnp.float32)
-        return (logits, features) if return_features else logits
+        return stages.forward(self, x, train, return_features, Block, self.stage_kwargs)
 
 
 # The official variants (`biformer_tiny` / `_small` / `_base` in models/biformer.py).

@@ -22,6 +22,7 @@ the release's state_dict, so `biformer_jax.convert` maps checkpoints by rule.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -29,19 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.biformer import Downsample, Stem, stochastic_depth_rates
+from biformer_jax.models import stages
 from biformer_jax.models.deformable import ConvMlpWithDw, DeBiLevelRoutingAttention, DeformSettings, deform_settings
-from biformer_jax.models.layers import (
-    BatchNorm,
-    DepthwiseConv2d,
-    DropPath,
-    Dtype,
-    check_nhwc_input,
-    dense,
-    layer_norm,
-    per_stage,
-)
-from biformer_jax.models.routing import BiLevelRoutingAttention
+from biformer_jax.models.layers import DepthwiseConv2d, DropPath, Dtype, layer_norm, per_stage
+from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings
 
 # Block topk -> (attn1's routing topk, attn2's), the release's `Block` branches; -2 is "all regions".
 BLOCK_TOPKS: dict[int, tuple[int, int]] = {4: (1, 4), 8: (4, 8), 16: (16, 16), -2: (-2, -2)}
@@ -61,75 +53,43 @@ def check_block_topk(topk: int) -> None:
 
 
 class DeBiFormerBlock(nn.Module):
-    """One DeBiFormer block (the release's `Block`): two token mixers and two MLPs, NHWC."""
+    """One DeBiFormer block (the release's `Block`): two token mixers and two MLPs, NHWC.
+
+    `routing` is the stage's (`routing.topk` is the block's, see BLOCK_TOPKS); the
+    attentions always pad to the region grid, whatever `routing.auto_pad` says.
+    """
 
     dim: int
     drop_path: float = 0.0
     layer_scale_init_value: float = -1.0
-    num_heads: int = 8
-    n_win: int = 7
-    qk_dim: Optional[int] = None
-    qk_scale: Optional[float] = None
-    kv_per_win: int = 4
-    kv_downsample_ratio: int = 4
-    kv_downsample_mode: str = "ada_avgpool"
-    topk: int = 4
-    param_attention: str = "qkvo"
-    param_routing: bool = False
-    diff_routing: bool = False
-    soft_routing: bool = False
     mlp_ratio: float = 4
     param_size: str = "small"
     mlp_dwconv: bool = False  # accepted and unused, as in the release
-    side_dwconv: int = 5
     before_attn_dwconv: int = 3
     pre_norm: bool = True
-    auto_pad: bool = False  # accepted; the attention always pads
+    routing: RoutingSettings = RoutingSettings(topk_ties="torch")
     settings: Optional[DeformSettings] = None
-    routing_ties: str = "torch"
-    attn_impl: str = "auto"
-    dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _routing_kwargs(self) -> dict[str, Any]:
-        return dict(
-            dim=self.dim,
-            num_heads=self.num_heads,
-            n_win=self.n_win,
-            qk_dim=self.qk_dim,
-            qk_scale=self.qk_scale,
-            kv_per_win=self.kv_per_win,
-            kv_downsample_ratio=self.kv_downsample_ratio,
-            kv_downsample_mode=self.kv_downsample_mode,
-            param_attention=self.param_attention,
-            param_routing=self.param_routing,
-            diff_routing=self.diff_routing,
-            soft_routing=self.soft_routing,
-            side_dwconv=self.side_dwconv,
-            auto_pad=True,
-            topk_ties=self.routing_ties,
-            attn_impl=self.attn_impl,
-            dwconv_impl=self.dwconv_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+    def routed(self, topk: int) -> RoutingSettings:
+        # The release builds its BRA from nn.Linear and never re-initialises it (torch_init).
+        topk = self.routing.n_win**2 if topk == -2 else topk
+        return dataclasses.replace(self.routing, topk=topk, auto_pad=True, torch_init=True)
 
     def deformable(self, topk: int, name: str) -> DeBiLevelRoutingAttention:
         settings = self.settings if self.settings is not None else deform_settings(self.param_size, self.dim)
-        topk = self.n_win * self.n_win if topk == -2 else topk
-        return DeBiLevelRoutingAttention(
-            topk=topk, param_size=self.param_size, settings=settings, name=name, **self._routing_kwargs()
-        )
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return DeBiLevelRoutingAttention(self.dim, self.routed(topk), self.param_size, settings, **kw)
 
     def token_mixers(self) -> tuple[nn.Module, nn.Module]:
-        check_block_topk(self.topk)
-        k1, k2 = BLOCK_TOPKS[self.topk]
+        check_block_topk(self.routing.topk)
+        k1, k2 = BLOCK_TOPKS[self.routing.topk]
         if k1 == -2:
             attn1 = self.deformable(k1, "attn1")
         else:
-            # The release builds this BRA from nn.Linear and never re-initialises it.
-            attn1 = BiLevelRoutingAttention(topk=k1, torch_init=True, name="attn1", **self._routing_kwargs())
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name="attn1")
+            attn1 = BiLevelRoutingAttention(self.dim, self.routed(k1), **kw)
         return attn1, self.deformable(k2, "attn2")
 
     @nn.compact
@@ -141,8 +101,9 @@ class DeBiFormerBlock(nn.Module):
                 "by 1, which keeps the map size only for kernel 3; use 3 (or <= 0 for none)."
             )
         attn1, attn2 = self.token_mixers()
-        mlp1 = ConvMlpWithDw(c, self.mlp_ratio, self.dwconv_impl, dt, pdt, name="mlp1")
-        mlp2 = ConvMlpWithDw(c, self.mlp_ratio, self.dwconv_impl, dt, pdt, name="mlp2")
+        impl = self.routing.dwconv_impl
+        mlp1 = ConvMlpWithDw(c, self.mlp_ratio, impl, dt, pdt, name="mlp1")
+        mlp2 = ConvMlpWithDw(c, self.mlp_ratio, impl, dt, pdt, name="mlp2")
         norm1, norm2, norm3, norm4 = (layer_norm(f"norm{i}", dt, pdt) for i in (1, 2, 3, 4))
         drop = DropPath(self.drop_path)
         if self.layer_scale_init_value > 0:
@@ -157,7 +118,7 @@ class DeBiFormerBlock(nn.Module):
         def pos_embed(name: str, y: jax.Array) -> jax.Array:
             if self.before_attn_dwconv <= 0:  # the release crashes here (pos_embed1 undefined)
                 return y
-            conv = DepthwiseConv2d(3, padding=1, impl=self.dwconv_impl, dtype=dt, param_dtype=pdt, name=name)
+            conv = DepthwiseConv2d(3, padding=1, impl=impl, dtype=dt, param_dtype=pdt, name=name)
             return y + conv(y)
 
         x = pos_embed("pos_embed1", x)
@@ -244,9 +205,7 @@ class DeBiFormer(nn.Module):
 
     @property
     def feature_info(self) -> tuple[dict[str, Any], ...]:
-        return tuple(
-            {"num_chs": c, "reduction": 4 * 2**i, "module": f"stages_{i}"} for i, c in enumerate(self.embed_dim)
-        )
+        return stages.feature_info(self.embed_dim)
 
     def stage_settings(self) -> list[DeformSettings]:
         if self.deform_settings is not None:
@@ -254,96 +213,24 @@ class DeBiFormer(nn.Module):
         return [deform_settings(self.param_size, dim) for dim in self.embed_dim]
 
     def validate(self) -> None:
-        for name in (
-            "depth",
-            "embed_dim",
-            "kv_per_wins",
-            "topks",
-            "qk_dims",
-            "kv_downsample_ratios",
-            "kv_downsample_kernels",
-            "mlp_ratios",
-        ):
-            per_stage(getattr(self, name), name)
-        if self.representation_size:
-            raise ValueError(
-                "representation_size is not supported: the release's pre-logits layer is built with a "
-                "list width and cannot run; leave it None."
-            )
-        if self.pe not in (None, "none"):
-            raise ValueError(f"pe={self.pe!r}: the release only accepts None / 'none'.")
-        for i, (dim, qk) in enumerate(zip(self.embed_dim, self.qk_dims)):
+        stages.check_official_args(self, "the release")
+        for i in range(4):
             check_block_topk(self.topks[i])
-            qk = qk or dim
-            if qk < self.head_dim or qk % self.head_dim:
-                raise ValueError(
-                    f"stage {i}: qk_dim {qk} is not a multiple of head_dim {self.head_dim}, so it cannot "
-                    "be split into heads; choose head_dim dividing qk_dims."
-                )
+            stages.check_head_split(self, [i])
+
+    def stage_kwargs(self, i: int) -> dict[str, Any]:
+        return dict(
+            param_size=self.param_size,
+            routing=stages.stage_routing(self, i, topk_ties=self.routing_ties),
+            settings=self.stage_settings()[i],
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         self.validate()
-        settings = self.stage_settings()
-        check_nhwc_input(x, self.in_chans, "DeBiFormer")
-        dt, pdt = self.dtype, self.param_dtype
-        x = x.astype(dt)
-        dp_rates = stochastic_depth_rates(self.drop_path_rate, self.depth)
-        features, cur = [], 0
-        for i in range(4):
-            if i == 0:
-                x = Stem(self.embed_dim[0], dt, pdt, name="downsample_layers_0")(x, train)
-            else:
-                x = Downsample(self.embed_dim[i], dt, pdt, name=f"downsample_layers_{i}")(x, train)
-            # remat per stage, the release's use_checkpoint_stages; `train` is static.
-            block_cls = (
-                nn.remat(DeBiFormerBlock, static_argnums=(2,)) if i in self.use_checkpoint_stages else DeBiFormerBlock
-            )
-            qk_dim = self.qk_dims[i] or self.embed_dim[i]
-            for j in range(self.depth[i]):
-                x = block_cls(
-                    dim=self.embed_dim[i],
-                    drop_path=dp_rates[cur + j],
-                    layer_scale_init_value=self.layer_scale_init_value,
-                    num_heads=qk_dim // self.head_dim,
-                    n_win=self.n_win,
-                    qk_dim=qk_dim,
-                    qk_scale=self.qk_scale,
-                    kv_per_win=self.kv_per_wins[i],
-                    kv_downsample_ratio=self.kv_downsample_ratios[i],
-                    kv_downsample_mode=self.kv_downsample_mode,
-                    topk=self.topks[i],
-                    param_attention=self.param_attention,
-                    param_routing=self.param_routing,
-                    diff_routing=self.diff_routing,
-                    soft_routing=self.soft_routing,
-                    mlp_ratio=self.mlp_ratios[i],
-                    param_size=self.param_size,
-                    mlp_dwconv=self.mlp_dwconv,
-                    side_dwconv=self.side_dwconv,
-                    before_attn_dwconv=self.before_attn_dwconv,
-                    pre_norm=self.pre_norm,
-                    auto_pad=self.auto_pad,
-                    settings=settings[i],
-                    routing_ties=self.routing_ties,
-                    attn_impl=self.attn_impl,
-                    dwconv_impl=self.dwconv_impl,
-                    dtype=dt,
-                    param_dtype=pdt,
-                    name=f"stages_{i}_{j}",
-                )(x, train)
-            cur += self.depth[i]
-            features.append(x)
-        if self.features_only:
-            return features
-        x = BatchNorm(dtype=dt, param_dtype=pdt, name="norm")(x, train)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)  # (N, C)
-        if self.num_classes > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            # nn.Linear's own init: the release never re-initialises (its reset_parameters is a no-op).
-            x = dense(self.num_classes, "head", dt, pdt, torch_init_fan_in=self.embed_dim[-1])(x)
-        logits = x.astype(jnp.float32)
-        return (logits, features) if return_features else logits
+        self.stage_settings()  # a clear error for widths without settings before any module is built
+        # nn.Linear's own init for the head: the release never re-initialises (its reset_parameters is a no-op).
+        return stages.forward(self, x, train, return_features, DeBiFormerBlock, self.stage_kwargs, self.embed_dim[-1])
 
 
 # The released variants (`debi_tiny` / `_small` / `_base`), drop_path_rate included.

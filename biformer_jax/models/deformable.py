@@ -30,17 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import (
-    DepthwiseConv2d,
-    Dtype,
-    conv2d,
-    conv_init,
-    fan_in_uniform_bias,
-    gelu,
-    layer_norm,
-    resolve_dwconv_impl,
-)
-from biformer_jax.models.routing import TopkRouting, check_bra_config, from_regions, kv_downsample, to_regions
+from biformer_jax.models.layers import DepthwiseConv2d, Dtype, conv2d, conv_init, fan_in_uniform_bias, layer_norm
+from biformer_jax.models.routing import RoutingSettings, TopkRouting, from_regions, kv_downsample, to_regions
+from biformer_jax.ops.depthwise import resolve_dwconv_impl
+from biformer_jax.ops.fused import gelu
 from biformer_jax.ops.grid_sample import grid_sample
 from biformer_jax.ops.routed_attention import routed_attention
 from biformer_jax.ops.strided_depthwise import strided_depthwise_conv
@@ -188,29 +181,13 @@ class DeBiLevelRoutingAttention(nn.Module):
 
     Submodule and parameter names follow the release (`qkv_conv.qkv`, `conv_offset_q.{0,1,3}`,
     `proj_{q,k,v,out}`, `unifyheads1`, `lepe1`, `router`, `norm`, `norm2`, `mlp`, `rpe_table`).
-    `auto_pad` is accepted for the release's signature and ignored: this module always pads.
+    `routing` holds the routing settings; its `auto_pad` is ignored: this module always pads.
     """
 
     dim: int
-    num_heads: int = 8
-    n_win: int = 7
-    qk_dim: Optional[int] = None
-    qk_scale: Optional[float] = None
-    kv_per_win: int = 4
-    kv_downsample_ratio: int = 4
-    kv_downsample_mode: str = "identity"
-    topk: int = 4
-    param_attention: str = "qkvo"
-    param_routing: bool = False
-    diff_routing: bool = False
-    soft_routing: bool = False
-    side_dwconv: int = 3
-    auto_pad: bool = False
+    routing: RoutingSettings = RoutingSettings(topk_ties="torch", torch_init=True)
     param_size: str = "small"
     settings: Optional[DeformSettings] = None  # overrides the param_size table
-    topk_ties: str = "torch"  # the router's tie-breaking, see biformer_jax.ops.topk
-    attn_impl: str = "auto"
-    dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -220,53 +197,38 @@ class DeBiLevelRoutingAttention(nn.Module):
         return deform_settings(self.param_size, self.dim)
 
     def check(self, s: DeformSettings) -> None:
-        qk = self.qk_dim or self.dim
+        r = self.routing
+        qk = r.qk_dim or self.dim
         if qk != self.dim:
             raise ValueError(
                 f"DeBiLevelRoutingAttention needs qk_dim == dim (its queries are split into the same "
                 f"groups as the features), got qk_dim={qk}, dim={self.dim}; set qk_dims equal to embed_dim."
             )
-        check_bra_config(
-            self.dim,
-            qk,
-            self.num_heads,
-            self.n_win,
-            self.topk,
-            self.kv_downsample_mode,
-            self.kv_per_win,
-            self.kv_downsample_ratio,
-        )
-        if self.topk <= 0:
-            raise ValueError(f"DeBiLevelRoutingAttention routes to topk > 0 regions, got topk={self.topk}.")
-        if s.n_groups <= 0 or self.dim % s.n_groups or self.num_heads % s.n_groups:
+        r.check(self.dim)
+        if r.topk <= 0:
+            raise ValueError(f"DeBiLevelRoutingAttention routes to topk > 0 regions, got topk={r.topk}.")
+        if s.n_groups <= 0 or self.dim % s.n_groups or r.num_heads % s.n_groups:
             raise ValueError(
-                f"deformable attention splits width {self.dim} and {self.num_heads} heads into "
+                f"deformable attention splits width {self.dim} and {r.num_heads} heads into "
                 f"n_groups={s.n_groups} groups; choose n_groups dividing both."
             )
         if min(s.offset_kernel, s.stride, s.mlp_ratio, s.q_size) <= 0 or s.offset_kernel % 2 == 0:
             raise ValueError(f"invalid deformable settings {s}: positive values and an odd offset_kernel needed.")
-        if self.param_attention not in ("qkvo", "qkv"):
-            raise ValueError(f"param_attention={self.param_attention!r} is not one of 'qkvo', 'qkv'.")
-        if self.diff_routing and not self.soft_routing:
-            raise ValueError(
-                "diff_routing=True without soft_routing is 'hard differentiable routing', which the "
-                "release leaves unimplemented; set soft_routing=True as well."
-            )
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        s = self.resolved_settings()
+        s, r = self.resolved_settings(), self.routing
         self.check(s)
         dt, pdt = self.dtype, self.param_dtype
         n, h_in, w_in, c = x.shape
-        p, g, m, qk = self.n_win, s.n_groups, self.num_heads, self.dim
-        scale = self.qk_scale or qk**-0.5
+        p, g, m, qk = r.n_win, s.n_groups, r.num_heads, self.dim
+        scale = r.qk_scale or qk**-0.5
 
         x = pad_to_multiple(x.astype(dt), p)  # (N, H, W, C)
         _, hh, ww, _ = x.shape
         q, kv = _QKVConv(c, qk, dt, pdt, name="qkv_conv")(x)  # (N, H, W, C), (N, H, W, 2C)
         kv_reg = to_regions(kv, p)  # (N, P, h, w, 2C)
-        kv_pix = kv_downsample(kv_reg, self.kv_downsample_mode, self.kv_per_win, self.kv_downsample_ratio)
+        kv_pix = kv_downsample(kv_reg, r.kv_downsample_mode, r.kv_per_win, r.kv_downsample_ratio)
         kv_pix = kv_pix.reshape(n, p * p, -1, qk + c)  # (N, P, Tkv, 2C)
 
         # --- deformed points: the offset network on q, per group ---------------------------
@@ -275,7 +237,7 @@ class DeBiLevelRoutingAttention(nn.Module):
             s.offset_kernel,
             s.stride,
             use_bias=False,
-            impl=self.dwconv_impl,
+            impl=r.dwconv_impl,
             dtype=dt,
             param_dtype=pdt,
             name="conv_offset_q_0",
@@ -292,11 +254,11 @@ class DeBiLevelRoutingAttention(nn.Module):
         sampled = merge_groups(sampled, g)  # (N, Hk, Wk, C)
 
         lepe = None
-        if self.side_dwconv > 0:
+        if r.side_dwconv > 0:
             lepe = StridedDepthwiseConv2d(
-                self.side_dwconv,
+                r.side_dwconv,
                 s.stride,
-                impl=self.dwconv_impl,
+                impl=r.dwconv_impl,
                 dtype=dt,
                 param_dtype=pdt,
                 name="lepe1",
@@ -310,24 +272,22 @@ class DeBiLevelRoutingAttention(nn.Module):
         q_reg = to_regions(queries, p)  # (N, P, hq, wq, C)
         q_win = q_reg.mean(axis=(2, 3))  # (N, P, C)
         k_win = kv_reg[..., :qk].mean(axis=(2, 3))  # (N, P, C)
-        router = TopkRouting(
-            qk, self.topk, scale, self.param_routing, self.diff_routing, dt, pdt, True, self.topk_ties, name="router"
-        )
+        router = TopkRouting(qk, r, dt, pdt, name="router")
         r_weight, r_idx = router(q_win, k_win)  # (N, P, k) each
         agents = routed_attention(
             q_reg.reshape(n, p * p, -1, qk),  # (N, P, hq*wq, C)
             kv_pix,
             r_idx,
-            r_weight if self.soft_routing else None,
+            r_weight if r.soft_routing else None,
             num_heads=m,
             scale=scale,
-            impl=self.attn_impl,
+            impl=r.attn_impl,
         )  # (N, P, hq*wq, C)
         agents = from_regions(agents.reshape(n, p * p, hg // p, wg // p, c), p)  # (N, Hg, Wg, C)
         if lepe is not None:
             agents = agents + pad_to_multiple(lepe, p)
         agents = sampled + conv2d(c, 1, c, "unifyheads1", dt, pdt)(agents)
-        mlp = ConvMlpWithDw(c, s.mlp_ratio, self.dwconv_impl, dt, pdt, name="mlp")
+        mlp = ConvMlpWithDw(c, s.mlp_ratio, r.dwconv_impl, dt, pdt, name="mlp")
         agents = agents + mlp(layer_norm("norm2", dt, pdt)(agents))
         agents = layer_norm("norm", dt, pdt)(agents)  # (N, Hg, Wg, C)
 

@@ -8,7 +8,6 @@ and BatchNorm keeps PyTorch's running statistics and `num_batches_tracked` count
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -17,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.ops.recompute import tie
+from biformer_jax.ops import fused
+from biformer_jax.ops.conv import im2col_conv, resolve_conv_impl
+from biformer_jax.ops.depthwise import depthwise_conv
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -38,45 +39,21 @@ def fan_in_uniform_bias(fan_in: int) -> Initializer:
     return init
 
 
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """nn.GELU() as PyTorch defines it: the exact erf form, not the tanh approximation.
-
-    Its VJP keeps only x (autodiff would keep the erfc and the product as well: two more
-    hidden-width activations per MLP) and recomputes the derivative in the backward pass.
-    """
-    return 0.5 * x * jax.lax.erfc(-x * _SQRT_HALF)
-
-
-def _gelu_fwd(x):
-    return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-    x = tie(g, x)
-    x32 = x.astype(jnp.float32)
-    cdf = 0.5 * jax.lax.erfc(-x32 * _SQRT_HALF)
-    pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * x32 * x32)
-    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(g.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> LayerNorm:
     return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def _norm_params(module: nn.Module, features: int, param_dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """Declares `scale` and `bias` (features,) on `module`, as nn.LayerNorm names them."""
+    scale = module.param("scale", nn.initializers.ones, (features,), param_dtype)
+    bias = module.param("bias", nn.initializers.zeros, (features,), param_dtype)
+    return scale, bias
 
 
 class LayerNorm(nn.Module):
     """`nn.LayerNorm` over the last axis (params `scale`, `bias`), statistics in float32.
 
-    Its VJP keeps the normalised input and the per-row 1/std only (autodiff keeps the input,
-    the centred input and broadcast statistics as well), and forms the row sums of the
-    backward pass as matmuls with `scale`, so no full-size broadcast of it is materialised.
+    Its VJP (`ops.fused.layer_norm`) keeps the normalised input and the per-row 1/std only.
     """
 
     epsilon: float = 1e-6
@@ -84,91 +61,57 @@ class LayerNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        dense: Optional[tuple[jax.Array, jax.Array]] = None,
-        split_at: Optional[int] = None,
-    ):
-        """LayerNorm(x), or, given a following Linear's `dense=(kernel, bias)`, that Linear
-        applied to it: the fused VJP then keeps the normalised input for both (the Linear's
-        input is recomputed from it in the backward pass instead of being held as well).
-        `split_at=k` returns the Linear's output as the pair (out[..., :k], out[..., k:]),
-        computed as two matmuls, so their gradients never need joining into one array."""
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        if dense is None:
-            return _layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
-        kernel, dense_bias = (a.astype(self.dtype) for a in dense)
-        if split_at is None:
-            kernels, biases = (kernel,), (dense_bias,)
-        else:
-            kernels = (kernel[:, :split_at], kernel[:, split_at:])
-            biases = (dense_bias[:split_at], dense_bias[split_at:])
-        out = _layer_norm_dense(x.astype(self.dtype), scale, bias, kernels, biases, self.epsilon)
-        return out[0] if split_at is None else out
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale, bias = _norm_params(self, x.shape[-1], self.param_dtype)
+        return fused.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x, scale, bias, eps):
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
+class LayerNormParams(nn.Module):
+    """A LayerNorm's `scale` and `bias` (same names, init and `epsilon`) without applying it:
+    a block's pre-norm whose only consumer is a `NormDense`, which applies it fused."""
+
+    epsilon: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jax.Array, jax.Array]:
+        return _norm_params(self, features, self.param_dtype)
 
 
-def _layer_norm_fwd(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    xc = x32 - mean
-    rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # (..., 1)
-    xhat = xc * rstd
-    y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (xhat.astype(x.dtype), rstd, scale)
+class NormDense(nn.Module):
+    """Linear(LayerNorm(x)) as one fused op (`ops.fused.layer_norm_dense`), whose VJP keeps
+    the normalised input for both (the Linear's input is recomputed from it in the backward
+    pass instead of being held as well).
 
+    The norm's parameters are `norm`'s, a `LayerNormParams` its owner names (a block's
+    `norm1`); the Linear's are this module's `kernel` and `bias`, as `dense(features)`
+    declares them. Returns a tuple: the Linear's output, or with `split_at=k` the pair
+    (out[..., :k], out[..., k:]), computed as two matmuls so their gradients never need
+    joining. `pad=(b, r)` zero-pads the outputs of an NHWC map at the bottom/right after the
+    norm (BRA's auto_pad): a padded token maps to the bias alone.
+    """
 
-def _layer_norm_bwd(eps, res, g):
-    xhat, rstd, scale = res
-    c = xhat.shape[-1]
-    axes = tuple(range(xhat.ndim - 1))
-    g32, xhat32, scale32 = g.astype(jnp.float32), xhat.astype(jnp.float32), scale.astype(jnp.float32)
-    gx = g32 * xhat32
-    dscale = jnp.sum(gx, axis=axes)
-    dbias = jnp.sum(g32, axis=axes)
-    # dxhat = g * scale; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-    m1 = jnp.einsum("...c,c->...", g32, scale32)[..., None] / c  # (..., 1)
-    m2 = jnp.einsum("...c,c->...", gx, scale32)[..., None] / c  # (..., 1)
-    dx = rstd * (g32 * scale32 - m1 - xhat32 * m2)
-    return dx.astype(xhat.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+    norm: LayerNormParams
+    features: int
+    split_at: Optional[int] = None
+    torch_init_fan_in: Optional[int] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
-
-_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _layer_norm_dense(x, scale, bias, kernels, dense_biases, eps):
-    """LayerNorm, then one Linear per (kernel, bias) pair: a tuple of outputs."""
-    y = _layer_norm_fwd(x, scale, bias, eps)[0]
-    return tuple(jnp.dot(y, k) + b for k, b in zip(kernels, dense_biases))
-
-
-def _layer_norm_dense_fwd(x, scale, bias, kernels, dense_biases, eps):
-    y, (xhat, rstd, _) = _layer_norm_fwd(x, scale, bias, eps)
-    out = tuple(jnp.dot(y, k) + b for k, b in zip(kernels, dense_biases))
-    return out, (xhat, rstd, scale, bias, kernels)
-
-
-def _layer_norm_dense_bwd(eps, res, gs):
-    xhat, rstd, scale, bias, kernels = res
-    xhat = tie(gs[0], xhat)
-    y = (xhat.astype(jnp.float32) * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(gs[0].dtype)
-    lead = tuple(range(y.ndim - 1))
-    dkernels = tuple(jnp.tensordot(y, g, axes=(lead, lead)).astype(k.dtype) for k, g in zip(kernels, gs))  # (C, out)
-    dbiases = tuple(jnp.sum(g, axis=lead).astype(k.dtype) for k, g in zip(kernels, gs))
-    dy = sum(jnp.dot(g, k.T) for k, g in zip(kernels, gs))  # (..., C)
-    dx, dscale, dbias = _layer_norm_bwd(eps, (xhat, rstd, scale), dy)
-    return dx, dscale, dbias, dkernels, dbiases
-
-
-_layer_norm_dense.defvjp(_layer_norm_dense_fwd, _layer_norm_dense_bwd)
+    @nn.compact
+    def __call__(self, x: jax.Array, pad: tuple[int, int] = (0, 0)) -> tuple[jax.Array, ...]:
+        scale, bias = self.norm(x.shape[-1])
+        kernel, dense_bias = _dense_params(self, x.shape[-1], self.features, self.param_dtype, self.torch_init_fan_in)
+        kernel, dense_bias = kernel.astype(self.dtype), dense_bias.astype(self.dtype)
+        cuts = (slice(None),) if self.split_at is None else (slice(None, self.split_at), slice(self.split_at, None))
+        kernels, biases = tuple(kernel[:, c] for c in cuts), tuple(dense_bias[c] for c in cuts)
+        x = x.astype(self.dtype)
+        if not any(pad):
+            return fused.layer_norm_dense(x, scale, bias, kernels, biases, self.norm.epsilon)
+        zero_biases = tuple(jnp.zeros_like(b) for b in biases)
+        outs = fused.layer_norm_dense(x, scale, bias, kernels, zero_biases, self.norm.epsilon)
+        widths = ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0))
+        return tuple(jnp.pad(y, widths) + b for y, b in zip(outs, biases))
 
 
 def dense_initializers(torch_init_fan_in: Optional[int]) -> tuple[Initializer, Initializer]:
@@ -178,18 +121,6 @@ def dense_initializers(torch_init_fan_in: Optional[int]) -> tuple[Initializer, I
     if torch_init_fan_in is None:
         return dense_init, nn.initializers.zeros
     return conv_init, fan_in_uniform_bias(torch_init_fan_in)
-
-
-class DenseParams(nn.Module):
-    """The `kernel` and `bias` of `dense(features, name)` (same init), for fused ops."""
-
-    features: int
-    param_dtype: Dtype = jnp.float32
-    torch_init_fan_in: Optional[int] = None
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        return _dense_params(self, in_features, self.features, self.param_dtype, self.torch_init_fan_in)
 
 
 def _dense_params(module: nn.Module, in_features: int, features: int, param_dtype: Dtype, torch_init_fan_in=None):
@@ -212,31 +143,7 @@ class GeluDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _dense_params(self, x.shape[-1], self.features, self.param_dtype)
-        return _gelu_dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
-
-
-@jax.custom_vjp
-def _gelu_dense(x, kernel, bias):
-    return jnp.dot(gelu(x), kernel) + bias
-
-
-def _gelu_dense_fwd(x, kernel, bias):
-    return _gelu_dense(x, kernel, bias), (x, kernel)
-
-
-def _gelu_dense_bwd(res, g):
-    x, kernel = res
-    x = tie(g, x)
-    a = gelu(x)
-    lead = tuple(range(g.ndim - 1))
-    dkernel = jnp.tensordot(a, g, axes=(lead, lead))  # (in, out)
-    dbias = jnp.sum(g, axis=lead)
-    da = jnp.dot(g, kernel.T)
-    (dx,) = _gelu_bwd(x, da)
-    return dx, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
-
-
-_gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
+        return fused.gelu_dense(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
 def dense(
@@ -283,31 +190,6 @@ def conv2d(
     )
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """'auto' picks im2col + matmul on CPU (XLA:CPU's convolution and its filter gradient
-    are slower than one matmul over the kh*kw*C patch columns), XLA's convolution elsewhere."""
-    if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "conv"
-    if impl not in ("conv", "im2col"):
-        raise ValueError(f"conv impl={impl!r} is not one of 'auto', 'conv', 'im2col'.")
-    return impl
-
-
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Convolution as one matmul over patch columns. x: (N, H, W, Cin), kernel: (kh, kw, Cin, Cout)."""
-    kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
-    out_h, out_w = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    cols = [
-        xp[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]  # kh*kw of (N, H', W', Cin), in the (i, j, cin) order of kernel.reshape
-    patches = jnp.concatenate(cols, axis=-1)  # (N, H', W', kh*kw*Cin)
-    return jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(kh * kw * cin, cout))  # (N, H', W', Cout)
-
-
 class Conv2d(nn.Module):
     """A dense 2-D convolution on NHWC input; params `kernel` (kh, kw, Cin, Cout) and `bias`
     as `nn.Conv` names them. `impl` chooses XLA's convolution or im2col + matmul."""
@@ -337,114 +219,6 @@ class Conv2d(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
-
-
-def resolve_dwconv_impl(impl: str) -> str:
-    """'auto' picks shifted sums on CPU (XLA:CPU's grouped conv is ~70x slower, NOTES.md)."""
-    if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "conv"
-    if impl not in ("conv", "shift"):
-        raise ValueError(f"dwconv_impl={impl!r} is not one of 'auto', 'conv', 'shift'.")
-    return impl
-
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int, impl: str = "auto") -> jax.Array:
-    """Stride-1 depthwise convolution. x: (N, H, W, C); kernel: (kh, kw, 1, C)."""
-    if resolve_dwconv_impl(impl) == "conv":
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(1, 1),
-            padding=((padding, padding), (padding, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=x.shape[-1],
-        )
-    return shift_depthwise_conv(x, kernel, padding)
-
-
-def _shifted_sum(x: jax.Array, kernel: jax.Array, pad_h: int, pad_w: int) -> jax.Array:
-    """sum_ij pad(x)[:, i:i+H', j:j+W'] * kernel[i, j]: one fused loop in XLA, no copies.
-
-    Pads (per side) may be negative (a crop), as the input gradient needs when pad > k - 1.
-    """
-    kh, kw = kernel.shape[:2]
-    _, h, w, _ = x.shape
-    out_h, out_w = h + 2 * pad_h - kh + 1, w + 2 * pad_w - kw + 1
-    zero = jnp.zeros((), x.dtype)
-    xp = jax.lax.pad(x, zero, ((0, 0, 0), (pad_h, pad_h, 0), (pad_w, pad_w, 0), (0, 0, 0)))
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = xp[:, i : i + out_h, j : j + out_w, :] * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def shift_depthwise_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-    """Depthwise conv as a sum of shifted slices, with a hand-written VJP.
-
-    Left to autodiff, XLA materialises every shifted slice in the forward pass to reuse it
-    for the kernel gradient (kh*kw copies of the input, kept for the backward pass). Here
-    the forward keeps only x; the input gradient is the same shifted sum over the output
-    gradient with the kernel flipped; the kernel gradient is kh*kw reductions, each fused
-    with its slice.
-    """
-    return _shifted_sum(x, kernel, padding, padding)
-
-
-def _shift_dwconv_fwd(x, kernel, padding):
-    return _shifted_sum(x, kernel, padding, padding), (x, kernel)
-
-
-def _shift_dwconv_bwd(padding, res, g):
-    x, kernel = res
-    kh, kw = kernel.shape[:2]
-    # x[h] feeds out[h + padding - i]: the transpose correlates g, padded by k - 1 - padding,
-    # with the flipped kernel.
-    dx = _shifted_sum(g, kernel[::-1, ::-1], kh - 1 - padding, kw - 1 - padding)
-    dk = _kernel_grad(tie(g, x), g, kh, kw, padding)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-KERNEL_GRAD_BLOCK = 8  # output columns per matmul block of the depthwise kernel gradient
-
-
-def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, padding: int) -> jax.Array:
-    """dk[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c] as one batched matmul.
-
-    x: (N, H, W, C), g: (N, H', W', C) -> (kh, kw, 1, C) float32. kh*kw separate reductions
-    would each read a materialised shifted copy of x (XLA:CPU fuses no slice into a
-    reduction). Instead, per channel and block of B output columns, one matmul over the
-    rows (n, h) of x's column window (B + kw - 1 columns) against the block of g shifted
-    down by each row tap i (kh*B columns) gives every (input column, row tap, output column)
-    product sum of the block; the kw diagonals of each row tap's (B + kw - 1, B) slab are
-    the kw column taps. (One matmul with the row taps side by side: kh separate matmuls of
-    B columns each, reading g kh times, took 1.5x as long over BiFormer-T's depthwise convs,
-    batch 8 at 224, timed alone.)
-    """
-    n, out_h, out_w, c = g.shape
-    bsz = KERNEL_GRAD_BLOCK
-    nb = -(-out_w // bsz)
-    extra = nb * bsz - out_w  # zero columns that round the output width up to whole blocks
-    span = bsz + kw - 1
-    hp = out_h + kh - 1  # = H + 2 * padding: the padded rows of x
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding + extra), (0, 0)))  # (N, Hp, nb*B+kw-1, C)
-    win = jnp.stack([xp[:, :, b * bsz : b * bsz + span, :] for b in range(nb)])  # (nb, N, Hp, span, C)
-    win = win.transpose(4, 0, 3, 1, 2).reshape(c, nb, span, n * hp)  # (C, nb, span, N*Hp)
-    gp = jnp.pad(g, ((0, 0), (0, 0), (0, extra), (0, 0))).reshape(n, out_h, nb, bsz, c)  # (N, H', nb, B, C)
-    gt = gp.transpose(4, 2, 0, 1, 3)  # (C, nb, N, H', B)
-    # Row tap i: g shifted down by i rows within each image's Hp rows.
-    gs = [jnp.pad(gt, ((0, 0), (0, 0), (0, 0), (i, kh - 1 - i), (0, 0))) for i in range(kh)]  # (C, nb, N, Hp, B)
-    gs = jnp.stack(gs, axis=-2).reshape(c, nb, n * hp, kh * bsz)  # (C, nb, N*Hp, kh*B)
-    m = jnp.einsum("cbsr,cbrq->cbsq", win, gs, preferred_element_type=jnp.float32)  # (C, nb, span, kh*B)
-    m = m.reshape(c, nb, span, kh, bsz)  # (C, nb, span, kh, B)
-    # Column tap j: the products of input column t + j with output column t.
-    taps = [jnp.diagonal(m[:, :, j : j + bsz], axis1=2, axis2=4).sum(axis=(1, 3)) for j in range(kw)]  # (C, kh)
-    return jnp.stack(taps).transpose(2, 0, 1)[:, :, None, :]  # (kh, kw, 1, C)
-
-
-shift_depthwise_conv.defvjp(_shift_dwconv_fwd, _shift_dwconv_bwd)
 
 
 class DepthwiseConv2d(nn.Module):
@@ -534,7 +308,8 @@ class DropPath(nn.Module):
 class ConvMlp(nn.Module):
     """The official block MLP: Linear -> (3x3 depthwise conv) -> GELU -> Linear.
 
-    Submodules are named after the official `nn.Sequential` indices (0, 1.dwconv, 3).
+    Submodules are named after the official `nn.Sequential` indices (0, 1.dwconv, 3). With
+    `norm` (a block's pre-norm), computes mlp(norm(x)), the norm fused into the first Linear.
     """
 
     hidden: int
@@ -543,17 +318,18 @@ class ConvMlp(nn.Module):
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm: Optional[LayerNormParams] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: Optional[LayerNorm] = None) -> jax.Array:
-        """mlp(x), or mlp(norm(x)) with the norm fused into the first Linear (see LayerNorm)."""
-        if norm is None:
-            x = dense(self.hidden, "0", self.dtype, self.param_dtype)(x)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt, pdt = self.dtype, self.param_dtype
+        if self.norm is None:
+            x = dense(self.hidden, "0", dt, pdt)(x)
         else:
-            x = norm(x, dense=DenseParams(self.hidden, self.param_dtype, name="0")(x.shape[-1]))
+            (x,) = NormDense(self.norm, self.hidden, dtype=dt, param_dtype=pdt, name="0")(x)
         if self.dwconv:
-            x = DWConvWrapper(self.dwconv_impl, self.dtype, self.param_dtype, name="1")(x)
-        return GeluDense(self.out, dtype=self.dtype, param_dtype=self.param_dtype, name="3")(x)
+            x = DWConvWrapper(self.dwconv_impl, dt, pdt, name="1")(x)
+        return GeluDense(self.out, dtype=dt, param_dtype=pdt, name="3")(x)
 
 
 class DWConvWrapper(nn.Module):

@@ -11,13 +11,14 @@ projected (so carry the qkv bias) and take part in routing and attention.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import DenseParams, DepthwiseConv2d, Dtype, LayerNorm, dense
+from biformer_jax.models.layers import DepthwiseConv2d, Dtype, LayerNormParams, NormDense, dense
 from biformer_jax.ops.routed_attention import routed_attention
 from biformer_jax.ops.topk import topk
 
@@ -64,83 +65,19 @@ def kv_downsample(x: jax.Array, mode: str, kv_per_win: int, ratio: int) -> jax.A
     return window_pool(x, ratio, ratio, "max" if mode == "maxpool" else "avg")
 
 
-def check_bra_config(dim, qk_dim, num_heads, n_win, topk, kv_downsample_mode, kv_per_win, kv_downsample_ratio):
-    if num_heads <= 0 or qk_dim % num_heads or dim % num_heads:
-        raise ValueError(
-            f"Bi-level routing attention needs qk_dim ({qk_dim}) and dim ({dim}) divisible by "
-            f"num_heads ({num_heads}); num_heads is qk_dim // head_dim, so choose head_dim dividing "
-            "both widths."
-        )
-    if n_win <= 0:
-        raise ValueError(f"n_win must be positive, got {n_win}.")
-    if topk > n_win * n_win:
-        raise ValueError(
-            f"topk={topk} routes to more regions than the {n_win}x{n_win}={n_win * n_win} there are; "
-            f"use topk <= {n_win * n_win} or a larger n_win."
-        )
-    if kv_downsample_mode not in KV_DOWNSAMPLE_MODES:
-        extra = (
-            " (the official code raises NotImplementedError for it too)"
-            if kv_downsample_mode in ("fracpool", "conv")
-            else ""
-        )
-        raise ValueError(
-            f"kv_downsample_mode={kv_downsample_mode!r} is not supported{extra}; use one of {KV_DOWNSAMPLE_MODES}."
-        )
-    if kv_downsample_mode.startswith("ada_") and (kv_per_win is None or kv_per_win <= 0):
-        raise ValueError(
-            f"kv_downsample_mode={kv_downsample_mode!r} needs kv_per_wins > 0 for every routed stage, got {kv_per_win}."
-        )
-    if kv_downsample_mode in ("avgpool", "maxpool") and (kv_downsample_ratio is None or kv_downsample_ratio < 1):
-        raise ValueError(
-            f"kv_downsample_mode={kv_downsample_mode!r} needs kv_downsample_ratios >= 1, got {kv_downsample_ratio}."
-        )
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """The bi-level routing attention settings of one stage, in one hashable value.
 
-
-class TopkRouting(nn.Module):
-    """Region-to-region routing: scores (N, P, P), keeps the top k per query region.
-
-    Records the picked indices with `sow('intermediates', 'route', ...)`, shape (N, P, k).
+    BiFormer and DeBiFormer build one per stage from their official constructor arguments
+    (`stages.stage_routing`) and hand it unchanged to their blocks and attentions. Field
+    names are the official module's; the defaults are its `BiLevelRoutingAttention`'s.
     """
 
-    qk_dim: int
-    topk: int
-    scale: float
-    param_routing: bool = False
-    diff_routing: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    torch_init: bool = False  # PyTorch's default Linear init for `emb` (see layers.dense)
-    ties: str = "xla"  # exact ties: 'xla' keeps the lowest indices, 'torch' torch.topk's (ops/topk.py)
-
-    @nn.compact
-    def __call__(self, q_win: jax.Array, k_win: jax.Array):
-        if not self.diff_routing:
-            q_win, k_win = jax.lax.stop_gradient(q_win), jax.lax.stop_gradient(k_win)
-        if self.param_routing:
-            fan_in = self.qk_dim if self.torch_init else None
-            emb = dense(self.qk_dim, "emb", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)
-            q_win, k_win = emb(q_win), emb(k_win)
-        logits = jnp.einsum("npc,nqc->npq", q_win * self.scale, k_win, preferred_element_type=jnp.float32)  # (N, P, P)
-        top_logits, r_idx = topk(logits, self.topk, self.ties)  # (N, P, k), (N, P, k)
-        r_weight = jax.nn.softmax(top_logits, axis=-1)  # (N, P, k)
-        self.sow("intermediates", "route", r_idx)
-        return r_weight, r_idx
-
-
-class BiLevelRoutingAttention(nn.Module):
-    """BRA on an NHWC map. Submodule names follow the official module for conversion.
-
-    `torch_init` gives the Linears PyTorch's default init (as in DeBiFormer, which never
-    re-initialises them) instead of BiFormer's trunc_normal(.02); `topk_ties` is the
-    router's tie-breaking (`biformer_jax.ops.topk`).
-    """
-
-    dim: int
     num_heads: int = 8
     n_win: int = 7
-    qk_dim: Optional[int] = None
-    qk_scale: Optional[float] = None
+    qk_dim: Optional[int] = None  # None: the attention's width
+    qk_scale: Optional[float] = None  # None: qk_dim ** -0.5
     kv_per_win: int = 4
     kv_downsample_ratio: int = 4
     kv_downsample_mode: str = "identity"
@@ -151,69 +88,124 @@ class BiLevelRoutingAttention(nn.Module):
     soft_routing: bool = False
     side_dwconv: int = 3
     auto_pad: bool = False
-    attn_impl: str = "auto"
-    dwconv_impl: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    torch_init: bool = False
-    topk_ties: str = "xla"
+    attn_impl: str = "auto"  # routed attention, biformer_jax.ops.routed_attention
+    dwconv_impl: str = "auto"  # every depthwise conv: 'auto' | 'conv' | 'shift'
+    topk_ties: str = "xla"  # the router's exact-tie order, biformer_jax.ops.topk
+    torch_init: bool = False  # PyTorch's default Linear init (DeBiFormer) instead of trunc_normal(.02)
 
-    @property
-    def _qk_dim(self) -> int:
-        return self.qk_dim or self.dim
-
-    def setup(self):
-        qk = self._qk_dim
-        check_bra_config(
-            self.dim,
-            qk,
-            self.num_heads,
-            self.n_win,
-            self.topk,
-            self.kv_downsample_mode,
-            self.kv_per_win,
-            self.kv_downsample_ratio,
-        )
-        if self.param_routing and not self.diff_routing:
-            raise ValueError("param_routing=True needs diff_routing=True (as in the official code).")
+    def check(self, dim: int) -> None:
+        """Raises a ValueError naming the setting that an attention of width `dim` cannot use."""
+        if self.param_attention not in ("qkvo", "qkv"):
+            raise ValueError(f"param_attention={self.param_attention!r} is not one of 'qkvo', 'qkv'.")
         if self.diff_routing and not self.soft_routing:
             raise ValueError(
                 "diff_routing=True without soft_routing is 'hard differentiable routing', which the "
                 "official code leaves unimplemented; set soft_routing=True as well."
             )
-        if self.param_attention not in ("qkvo", "qkv"):
-            raise ValueError(f"param_attention={self.param_attention!r} is not one of 'qkvo', 'qkv'.")
-        fan_in = self.dim if self.torch_init else None
-        self.qkv = _QKVLinear(self.dim, qk, self.dtype, self.param_dtype, self.torch_init)
-        self.wo = (
-            dense(self.dim, "wo", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)
-            if self.param_attention == "qkvo"
-            else None
+        qk_dim, num_heads, n_win, topk = self.qk_dim or dim, self.num_heads, self.n_win, self.topk
+        kv_downsample_mode, kv_per_win, kv_downsample_ratio = (
+            self.kv_downsample_mode,
+            self.kv_per_win,
+            self.kv_downsample_ratio,
         )
-        self.lepe = (
-            DepthwiseConv2d(self.side_dwconv, impl=self.dwconv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
-            if self.side_dwconv > 0
-            else None
-        )
-        self.router = TopkRouting(
-            qk,
-            self.topk,
-            self.qk_scale or qk**-0.5,
-            self.param_routing,
-            self.diff_routing,
-            self.dtype,
-            self.param_dtype,
-            self.torch_init,
-            self.topk_ties,
-        )
+        if num_heads <= 0 or qk_dim % num_heads or dim % num_heads:
+            raise ValueError(
+                f"Bi-level routing attention needs qk_dim ({qk_dim}) and dim ({dim}) divisible by "
+                f"num_heads ({num_heads}); num_heads is qk_dim // head_dim, so choose head_dim dividing "
+                "both widths."
+            )
+        if n_win <= 0:
+            raise ValueError(f"n_win must be positive, got {n_win}.")
+        if topk > n_win * n_win:
+            raise ValueError(
+                f"topk={topk} routes to more regions than the {n_win}x{n_win}={n_win * n_win} there are; "
+                f"use topk <= {n_win * n_win} or a larger n_win."
+            )
+        if kv_downsample_mode not in KV_DOWNSAMPLE_MODES:
+            extra = (
+                " (the official code raises NotImplementedError for it too)"
+                if kv_downsample_mode in ("fracpool", "conv")
+                else ""
+            )
+            raise ValueError(
+                f"kv_downsample_mode={kv_downsample_mode!r} is not supported{extra}; use one of {KV_DOWNSAMPLE_MODES}."
+            )
+        if kv_downsample_mode.startswith("ada_") and (kv_per_win is None or kv_per_win <= 0):
+            raise ValueError(
+                f"kv_downsample_mode={kv_downsample_mode!r} needs kv_per_wins > 0 for every routed stage, "
+                f"got {kv_per_win}."
+            )
+        if kv_downsample_mode in ("avgpool", "maxpool") and (kv_downsample_ratio is None or kv_downsample_ratio < 1):
+            raise ValueError(
+                f"kv_downsample_mode={kv_downsample_mode!r} needs kv_downsample_ratios >= 1, got {kv_downsample_ratio}."
+            )
 
-    def __call__(self, x: jax.Array, norm: Optional[LayerNorm] = None) -> jax.Array:
-        """BRA(x), or BRA(norm(x)) with the norm fused into the qkv Linear (see LayerNorm)."""
+
+class TopkRouting(nn.Module):
+    """Region-to-region routing: scores (N, P, P), keeps the top `routing.topk` per query region.
+
+    Records the picked indices with `sow('intermediates', 'route', ...)`, shape (N, P, k).
+    """
+
+    qk_dim: int
+    routing: RoutingSettings
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_win: jax.Array, k_win: jax.Array):
+        r = self.routing
+        if not r.diff_routing:
+            q_win, k_win = jax.lax.stop_gradient(q_win), jax.lax.stop_gradient(k_win)
+        if r.param_routing:
+            fan_in = self.qk_dim if r.torch_init else None
+            emb = dense(self.qk_dim, "emb", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)
+            q_win, k_win = emb(q_win), emb(k_win)
+        scale = r.qk_scale or self.qk_dim**-0.5
+        logits = jnp.einsum("npc,nqc->npq", q_win * scale, k_win, preferred_element_type=jnp.float32)  # (N, P, P)
+        top_logits, r_idx = topk(logits, r.topk, r.topk_ties)  # (N, P, k), (N, P, k)
+        r_weight = jax.nn.softmax(top_logits, axis=-1)  # (N, P, k)
+        self.sow("intermediates", "route", r_idx)
+        return r_weight, r_idx
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """BRA on an NHWC map. Submodule names follow the official module for conversion.
+
+    `routing` holds every setting (`RoutingSettings`); with `norm` (a block's pre-norm, whose
+    parameters stay the block's) it computes BRA(norm(x)), the norm fused into the qkv Linear.
+    """
+
+    dim: int
+    routing: RoutingSettings = RoutingSettings()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    norm: Optional[LayerNormParams] = None
+
+    @property
+    def _qk_dim(self) -> int:
+        return self.routing.qk_dim or self.dim
+
+    def setup(self):
+        r, qk, dt, pdt = self.routing, self._qk_dim, self.dtype, self.param_dtype
+        r.check(self.dim)
+        if r.param_routing and not r.diff_routing:
+            raise ValueError("param_routing=True needs diff_routing=True (as in the official code).")
+        fan_in = self.dim if r.torch_init else None
+        self.qkv = _QKVLinear(self.dim, qk, dt, pdt, r.torch_init, self.norm)
+        self.wo = dense(self.dim, "wo", dt, pdt, torch_init_fan_in=fan_in) if r.param_attention == "qkvo" else None
+        self.lepe = (
+            DepthwiseConv2d(r.side_dwconv, impl=r.dwconv_impl, dtype=dt, param_dtype=pdt) if r.side_dwconv > 0 else None
+        )
+        self.router = TopkRouting(qk, r, dt, pdt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        r = self.routing
         n, h_in, w_in, c = x.shape
-        p, qk = self.n_win, self._qk_dim
+        p, qk = r.n_win, self._qk_dim
         pad_b, pad_r = (-h_in) % p, (-w_in) % p
         if pad_b or pad_r:
-            if not self.auto_pad:
+            if not r.auto_pad:
                 raise ValueError(
                     f"Bi-level routing attention got a {h_in}x{w_in} feature map, which n_win={p} does "
                     f"not divide; pass auto_pad=True to pad it (as for dense prediction), or feed "
@@ -223,10 +215,10 @@ class BiLevelRoutingAttention(nn.Module):
         h, w = hh // p, ww // p  # region size in tokens
 
         # Padding (auto_pad) goes after the norm, as in the official code: zero tokens.
-        q, kv = self.qkv(x, norm, (pad_b, pad_r))  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        q, kv = self.qkv(x, (pad_b, pad_r))  # (N, H, W, Cqk), (N, H, W, Cqk + C)
         q_reg = to_regions(q, p)  # (N, P, h, w, Cqk)
         kv_reg = to_regions(kv, p)  # (N, P, h, w, Cqk + C)
-        kv_pix = kv_downsample(kv_reg, self.kv_downsample_mode, self.kv_per_win, self.kv_downsample_ratio)
+        kv_pix = kv_downsample(kv_reg, r.kv_downsample_mode, r.kv_per_win, r.kv_downsample_ratio)
         kv_pix = kv_pix.reshape(n, p * p, -1, qk + c)  # (N, P, hk*wk, Cqk + C)
         q_pix = q_reg.reshape(n, p * p, h * w, qk)  # (N, P, h*w, Cqk)
 
@@ -238,10 +230,10 @@ class BiLevelRoutingAttention(nn.Module):
             q_pix,
             kv_pix,
             r_idx,
-            r_weight if self.soft_routing else None,
-            num_heads=self.num_heads,
-            scale=self.qk_scale or qk**-0.5,
-            impl=self.attn_impl,
+            r_weight if r.soft_routing else None,
+            num_heads=r.num_heads,
+            scale=r.qk_scale or qk**-0.5,
+            impl=r.attn_impl,
         )  # (N, P, h*w, C)
         out = from_regions(out.reshape(n, p * p, h, w, c), p)  # (N, H, W, C)
         if self.lepe is not None:
@@ -252,30 +244,28 @@ class BiLevelRoutingAttention(nn.Module):
 
 
 class _QKVLinear(nn.Module):
-    """The official `QKVLinear`: one Linear to (q, kv), held as `qkv.qkv`."""
+    """The official `QKVLinear`: one Linear to (q, kv), held as `qkv.qkv`; with `norm`, the
+    norm before it, fused (`NormDense`)."""
 
     dim: int
     qk_dim: int
     dtype: Dtype
     param_dtype: Dtype
     torch_init: bool = False
+    norm: Optional[LayerNormParams] = None
 
     @nn.compact
-    def __call__(self, x, norm: Optional[LayerNorm] = None, pad: tuple[int, int] = (0, 0)):
+    def __call__(self, x: jax.Array, pad: tuple[int, int] = (0, 0)) -> tuple[jax.Array, jax.Array]:
+        """x (N, H_in, W_in, C) -> q (N, H, W, Cqk), kv (N, H, W, Cqk + C), zero-padded by `pad`."""
         fan_in = self.dim if self.torch_init else None
         features = 2 * self.qk_dim + self.dim
-        widths = ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0))
-        if norm is None:
-            x = jnp.pad(x, widths) if any(pad) else x
-            y = dense(features, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
-        else:
-            kernel, bias = DenseParams(features, self.param_dtype, fan_in, name="qkv")(x.shape[-1])
-            # A zero (padding) token after the norm maps to the bias alone.
-            q, kv = norm(x, dense=(kernel, jnp.zeros_like(bias)), split_at=self.qk_dim)  # (N, H_in, W_in, Cq|Ckv)
-            if any(pad):
-                q, kv = jnp.pad(q, widths), jnp.pad(kv, widths)
-            bias = bias.astype(self.dtype)
-            return q + bias[: self.qk_dim], kv + bias[self.qk_dim :]
+        if self.norm is not None:
+            fuse = NormDense(self.norm, features, self.qk_dim, fan_in, self.dtype, self.param_dtype, name="qkv")
+            q, kv = fuse(x, pad)
+            return q, kv
+        if any(pad):
+            x = jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))
+        y = dense(features, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
         return y[..., : self.qk_dim], y[..., self.qk_dim :]
 
 

@@ -19,8 +19,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from biformer_jax.ops.heads import gather_heads, merge_heads, split_heads, split_qkv_heads
 from biformer_jax.ops.recompute import tie
-from biformer_jax.ops.routed_attention import gather_heads, merge_heads, split_heads
 
 # Regions per loop step: the largest divisor of topk not above topk // DEFAULT_CHUNK_DIVISOR
 # (at least 1), so at most a quarter of the topk-fold gather is live at any time.
@@ -48,15 +48,6 @@ def chunked_routed_attention(
     if chunk <= 0 or k % chunk:
         raise ValueError(f"chunk={chunk} must be a positive divisor of topk={k}.")
     return _attend(q, kv, r_idx, r_weight, num_heads, scale, chunk)  # (N, P, Tq, Cv)
-
-
-def _split(q, kv, num_heads, scale):
-    """(N, P, Tq, Cqk), (N, P, Tkv, Cqk+Cv) -> heads-major qh (scaled), kh, vh."""
-    cqk = q.shape[-1]
-    qh = split_heads(q * scale, num_heads)  # (N, P, m, Tq, c)
-    kh = split_heads(kv[..., :cqk], num_heads)  # (N, P, m, Tkv, c)
-    vh = split_heads(kv[..., cqk:], num_heads)  # (N, P, m, Tkv, cv)
-    return qh, kh, vh
 
 
 def _chunk_indices(r_idx: jax.Array, r_weight: Optional[jax.Array], chunk: int):
@@ -127,13 +118,13 @@ def _forward(qh, kh, vh, r_idx, r_weight, chunk):
 # The VJP keeps q and kv in the caller's layout (not the heads-major copies) as residuals.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _attend(q, kv, r_idx, r_weight, num_heads, scale, chunk):
-    qh, kh, vh = _split(q, kv, num_heads, scale)
+    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)
     out, _ = _forward(qh, kh, vh, r_idx, r_weight, chunk)  # (N, P, m, Tq, cv)
     return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
 
 
 def _attend_fwd(q, kv, r_idx, r_weight, num_heads, scale, chunk):
-    qh, kh, vh = _split(q, kv, num_heads, scale)
+    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)
     out, lse = _forward(qh, kh, vh, r_idx, r_weight, chunk)
     out = merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
     return out, (q, kv, r_idx, r_weight, out, lse)
@@ -142,7 +133,7 @@ def _attend_fwd(q, kv, r_idx, r_weight, num_heads, scale, chunk):
 def _attend_bwd(num_heads, scale, chunk, res, dout):
     q, kv, r_idx, r_weight, out, lse = res
     q, kv, lse = tie(dout, q, kv, lse)  # keep the recomputation in the backward pass
-    qh, kh, vh = _split(q, kv, num_heads, scale)
+    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)
     n, p, m, tq, _ = qh.shape
     tkv = vh.shape[3]
     idx_s, w_s = _chunk_indices(r_idx, r_weight, chunk)

@@ -39,7 +39,7 @@ except ImportError:  # moved in a later JAX
 
 from biformer_jax.ops import pallas_gpu_routed_attention as gpu
 from biformer_jax.ops import pallas_routed_attention as tpu
-from biformer_jax.ops.routed_attention import gather_heads, merge_heads, split_heads
+from biformer_jax.ops.heads import gather_heads, merge_heads, split_qkv_heads
 
 VARIANTS = ("gpu", "tpu", "xla")
 
@@ -65,10 +65,7 @@ def pallas_routed_attention(
         variant = "tpu"
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {VARIANTS} (or None: per lowering platform).")
-    cqk = q.shape[-1]
-    qh = split_heads(q * scale, num_heads)  # (N, P, m, Tq, d)
-    kh = split_heads(kv[..., :cqk], num_heads)  # (N, P, m, Tkv, d)
-    vh = split_heads(kv[..., cqk:], num_heads)  # (N, P, m, Tkv, dv)
+    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)  # (N, P, m, Tq, d), (N, P, m, Tkv, d / dv)
     soft = r_weight is not None
     w = r_weight.astype(jnp.float32) if soft else jnp.ones(r_idx.shape, jnp.float32)
     out = _attend(qh, kh, vh, r_idx.astype(jnp.int32), w, soft, variant, interpret)  # (N, P, m, Tq, dv)

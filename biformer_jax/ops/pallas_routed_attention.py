@@ -2,7 +2,8 @@
 
 The gather never happens: each kernel instance owns one (image, query region, head) and
 reads the key/value blocks of its routed regions straight from K/V by routing index, with
-an online softmax (FlashAttention-style running max / normaliser / output) over them.
+an online softmax (FlashAttention-style running max / normaliser / output) over them
+(block updates in `pallas_blocks`: `fwd_update`, `dq_update`, `dkv_update`).
 The routing indices (and weights) are scalar-prefetched (`PrefetchScalarGridSpec`) and
 drive the BlockSpec index maps, so the pipeline DMAs exactly the routed K/V blocks; the
 routed regions are the innermost ("arbitrary") grid axis, the accumulators live in VMEM
@@ -29,56 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-_NT = (((1,), (1,)), ((), ()))  # a @ b^T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_TN = (((0,), (0,)), ((), ()))  # a^T @ b
-
-
-def _dot(a, b, dims):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# Block updates. Shapes per (image, region, head):
-# q (Tq, d) pre-scaled, k (Tkv, d), v (Tkv, dv), w scalar routing weight (1 for hard
-# routing), m/l (Tq, 1), acc (Tq, dv), lse/delta (Tq, 1), do (Tq, dv). All stats float32.
-
-
-def _fwd_update(q, k, v, w, m, l, acc):
-    s = _dot(q, k, _NT) * w  # (Tq, Tkv)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc + _dot((p * w).astype(v.dtype), v, _NN)
-    return m_new, l, acc
-
-
-def _probs(q, k, v, w, lse, do, delta):
-    """Recomputed probabilities and score gradients of one routed block."""
-    s_raw = _dot(q, k, _NT)  # (Tq, Tkv)
-    p = jnp.exp(s_raw * w - lse)
-    dpv = _dot(do, v, _NT)  # (Tq, Tkv): d loss / d (p * w)
-    ds = p * (dpv * w - delta)  # d loss / d s, s = w * s_raw
-    return s_raw, p, dpv, ds
-
-
-def _dq_update(q, k, v, w, lse, do, delta, dq):
-    s_raw, p, dpv, ds = _probs(q, k, v, w, lse, do, delta)
-    dq = dq + _dot((ds * w).astype(k.dtype), k, _NN)
-    # w scales both the logits and the values of its region.
-    dw = jnp.sum(ds * s_raw) + jnp.sum(p * dpv)
-    return dq, dw
-
-
-def _dkv_update(q, k, v, w, lse, do, delta, dk, dv):
-    _, p, _, ds = _probs(q, k, v, w, lse, do, delta)
-    dv = dv + _dot((p * w).astype(do.dtype), do, _TN)  # (Tkv, dv)
-    dk = dk + _dot((ds * w).astype(q.dtype), q, _TN)  # (Tkv, d)
-    return dk, dv
-
-
-# ----------------------------------------------------------------------------------------
+from biformer_jax.ops.pallas_blocks import dkv_update, dq_update, fwd_update
 
 
 def inverse_routing(r_idx: jax.Array):
@@ -132,7 +84,7 @@ def tpu_forward(qh, kh, vh, r_idx, w, interpret):
             l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
             acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-        m_sc[...], l_sc[...], acc_sc[...] = _fwd_update(
+        m_sc[...], l_sc[...], acc_sc[...] = fwd_update(
             q_ref[...], k_ref[...], v_ref[...], w_ref[b, r, j], m_sc[...], l_sc[...], acc_sc[...]
         )
 
@@ -183,7 +135,7 @@ def tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
             dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
             dw_sc[...] = jnp.zeros(dw_sc.shape, jnp.float32)
 
-        dq, dw = _dq_update(
+        dq, dw = dq_update(
             q_ref[...], k_ref[...], v_ref[...], w_ref[b, r, j], lse_ref[...], do_ref[...], dl_ref[...], dq_sc[...]
         )
         dq_sc[...] = dq
@@ -235,7 +187,7 @@ def tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
         @pl.when(j < c_ref[b, r])
         def _():
             w = w_ref[b, iq_ref[b, r, j], ik_ref[b, r, j]]
-            dk_sc[...], dv_sc[...] = _dkv_update(
+            dk_sc[...], dv_sc[...] = dkv_update(
                 q_ref[...], k_ref[...], v_ref[...], w, lse_ref[...], do_ref[...], dl_ref[...], dk_sc[...], dv_sc[...]
             )
 

@@ -1,7 +1,8 @@
 """Keeping a backward pass's recomputation in the backward pass.
 
-Hand-written VJPs here (GELU, LayerNorm, depthwise conv, chunked attention) keep a small
-residual and recompute the rest in the backward pass. Left alone, XLA merges that
+The hand-written VJPs of `ops` (fused.py: GELU, LayerNorm and their Linears; depthwise.py;
+chunked_routed_attention.py) keep a small residual and recompute the rest in the backward
+pass. Left alone, XLA merges that
 recomputation with the forward pass's identical expressions (CSE), or schedules it as soon
 as its forward inputs exist, and then holds the result from the forward pass to the
 backward: exactly the memory the VJP was written to save. `jax.lax.optimization_barrier`

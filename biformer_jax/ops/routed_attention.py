@@ -32,6 +32,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention
+from biformer_jax.ops.heads import gather_heads, merge_heads, split_qkv_heads
+
 IMPLS = ("gather", "masked", "chunked", "pallas", "pallas_interpret", "auto")
 
 # 'auto' uses dense masked attention when it costs at most this many times the routed
@@ -50,33 +53,6 @@ AUTO_KERNEL_RULES = {
     "cuda": {"tile": 64, "min_tokens": 64, "max_pad_waste": 1.5},
     "tpu": {"tile": 8, "min_tokens": 64, "max_pad_waste": 1.5},
 }
-
-
-def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-    """(N, P, T, m*c) -> (N, P, m, T, c): heads major, so each head's tokens are contiguous."""
-    n, p, t, ch = x.shape
-    x = x.reshape(n, p, t, num_heads, ch // num_heads)  # (N, P, T, m, c)
-    return x.transpose(0, 1, 3, 2, 4)  # (N, P, m, T, c)
-
-
-def merge_heads(x: jax.Array) -> jax.Array:
-    """(N, P, m, T, c) -> (N, P, T, m*c), the inverse of `split_heads`."""
-    n, p, m, t, c = x.shape
-    return x.transpose(0, 1, 3, 2, 4).reshape(n, p, t, m * c)  # (N, P, T, m*c)
-
-
-def gather_heads(xh: jax.Array, r_idx: jax.Array) -> jax.Array:
-    """xh: (N, P, m, T, c), r_idx: (N, P, K) -> (N, P, m, K, T, c).
-
-    Indexes the region axis directly (its backward is a scatter-add into a tensor of xh's
-    size; the official gather from an expanded view allocates P times more), and produces
-    the heads-major layout the attention matmuls consume, so no K-fold tensor is transposed.
-    """
-    n, _, m = xh.shape[:3]
-    ni = jnp.arange(n)[:, None, None, None]  # (N, 1, 1, 1)
-    mi = jnp.arange(m)[None, None, :, None]  # (1, 1, m, 1)
-    ri = r_idx[:, :, None, :]  # (N, P, 1, K)
-    return xh.at[ni, ri, mi].get(mode="promise_in_bounds")  # (N, P, m, K, T, c)
 
 
 def gather_regions(kv: jax.Array, r_idx: jax.Array) -> jax.Array:
@@ -180,22 +156,17 @@ def _run(impl, q, kv, r_idx, r_weight, num_heads, scale):
     if impl == "masked":
         return _masked_attention(q, kv, r_idx, r_weight, num_heads, scale)
     if impl == "chunked":
-        from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention
-
         return chunked_routed_attention(q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale)
-    from biformer_jax.ops.pallas_dispatch import pallas_routed_attention
+    from biformer_jax.ops.pallas_dispatch import pallas_routed_attention  # loads Pallas only when used
 
     interpret = impl == "pallas_interpret"
     return pallas_routed_attention(q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale, interpret=interpret)
 
 
 def _gather_attention(q, kv, r_idx, r_weight, num_heads, scale):
-    n, p, tq, cqk = q.shape
     k = r_idx.shape[-1]
     tkv = kv.shape[2]
-    qh = split_heads(q * scale, num_heads)  # (N, P, m, Tq, c)
-    kh = split_heads(kv[..., :cqk], num_heads)  # (N, P, m, Tkv, c)
-    vh = split_heads(kv[..., cqk:], num_heads)  # (N, P, m, Tkv, cv)
+    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)  # (N, P, m, T, c) each
     k_sel = gather_heads(kh, r_idx)  # (N, P, m, K, Tkv, c)
     v_sel = gather_heads(vh, r_idx)  # (N, P, m, K, Tkv, cv)
     if r_weight is not None:
@@ -216,12 +187,12 @@ def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
     and the softmax normalises over the routed keys only. Soft routing weights scale the
     logits of their region (q . w k = w (q . k)) and the probabilities applied to V.
     """
-    n, p, tq, cqk = q.shape
-    tkv = kv.shape[2]
+    n, p, tq, _ = q.shape
     m = num_heads
-    qh = split_heads(q * scale, m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tq, -1)  # (N, m, P*Tq, c)
-    kh = split_heads(kv[..., :cqk], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, c)
-    vh = split_heads(kv[..., cqk:], m).transpose(0, 2, 1, 3, 4).reshape(n, m, p * tkv, -1)  # (N, m, P*Tkv, cv)
+    qh, kh, vh = (
+        x.transpose(0, 2, 1, 3, 4).reshape(n, m, -1, x.shape[-1])  # (N, m, P*T, c)
+        for x in split_qkv_heads(q, kv, m, scale)
+    )  # (N, m, P*Tq, c), (N, m, P*Tkv, c), (N, m, P*Tkv, cv)
     routed = (
         jnp.zeros((n, p, p), jnp.bool_).at[jnp.arange(n)[:, None, None], jnp.arange(p)[None, :, None], r_idx].set(True)
     )  # (N, P, P'): query region p attends to key region p'

@@ -4,7 +4,7 @@ DeBiFormer's offset network (a k x k conv with stride `stride_def`, e.g. 9x9 / 8
 strided LePE need it. Two implementations of the same function: XLA's grouped convolution
 ('conv'), and a sum over kernel blocks of unstrided slices ('shift'), which XLA:CPU
 compiles and runs far faster than its grouped convolution (as for the stride-1 case in
-`models.layers.depthwise_conv`).
+`ops.depthwise.depthwise_conv`).
 """
 
 from __future__ import annotations

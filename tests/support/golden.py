@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-GOLDEN_DIR = Path(os.environ.get("BIFORMER_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get("BIFORMER_GOLDEN_DIR", Path(__file__).resolve().parents[3] / "shared" / "golden"))
 
 # case -> (create_model name, official constructor kwargs), as listed in golden/README.md.
 _OPTS = dict(depth=[1, 1, 1, 1], embed_dim=[32, 64, 128, 256], qk_dims=[32, 64, 128, 256], num_classes=10)

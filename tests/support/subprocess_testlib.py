@@ -1,11 +1,11 @@
-"""Running train.py (through tests/train_harness.py) as subprocesses: flags, env, waiting, cleanup.
+"""Running train.py (through tests/support/train_harness.py) as subprocesses: flags, env, waiting, cleanup.
 
-Every run trains the quickstart's micro BiFormer on digits at 32x32, 6 steps of 16 images,
-checkpoints every 2 steps, logs every step. The subprocesses share one XLA compilation cache
-per test session, so only the first run of each program pays for compiling it; every program
-is cached, however quick to compile (no minimum compile time: small programs add up over
-the launches). (JAX writes that cache from process 0 only: process 1 of a two-process run
-compiles its programs on every launch.)
+Every run trains the quickstart's micro BiFormer on digits at 32x32, 6 steps of 16 images
+(`train_flags`: the tests' micro run as flags), checkpoints every 2 steps, logs every step.
+The subprocesses share one XLA compilation cache per test session, so only the first run of
+each program pays for compiling it; every program is cached, however quick to compile (no
+minimum compile time: small programs add up over the launches). (JAX writes that cache from
+process 0 only: process 1 of a two-process run compiles its programs on every launch.)
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from biformer_jax import metrics as metrics_lib
+from biformer_jax.training import metrics as metrics_lib
+from support import train_testlib
 
-ROOT = Path(__file__).resolve().parents[1]
-HARNESS = ROOT / "tests" / "train_harness.py"
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = ROOT / "tests" / "support" / "train_harness.py"
 NUM_STEPS = 6
 RUN_TIMEOUT_S = 1500  # generous: compiles on a loaded 2-core machine take minutes
 
@@ -32,21 +33,17 @@ _CACHE_DIR = os.environ.get("BIFORMER_JAX_TEST_XLA_CACHE") or tempfile.mkdtemp(
 
 
 def train_flags(workdir, **overrides) -> list[str]:
+    """train.py flags: the quickstart's small run (`:runlocal`) with train_testlib.MICRO's changes."""
     config = {
-        "global_batch_size": 16,
+        **train_testlib.MICRO,
         "num_train_steps": NUM_STEPS,
         "steps_per_epoch": 3,
-        "optim.warmup_epochs": 0.0,
-        "log_every_steps": 1,
         "eval_every_steps": 1000,  # only after the last step
-        "eval_batch_size": 40,
-        "eval_steps": 1,
-        "checkpoint.every_steps": 2,
         "checkpoint.keep": 3,
         **overrides,
     }
     return [
-        f"--config={ROOT / 'configs' / 'quickstart.py'}",
+        f"--config={ROOT / 'configs' / 'quickstart.py'}:runlocal",
         f"--workdir={workdir}",
         *(f"--config.{k}={v}" for k, v in config.items()),
     ]

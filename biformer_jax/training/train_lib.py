@@ -27,10 +27,12 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from biformer_jax import checkpoint, data, eval_lib, optim, preemption, sharding, steps
-from biformer_jax import metrics as metrics_lib
+from biformer_jax import data
+from biformer_jax.models import from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.train_state import TrainState, init_train_state
+from biformer_jax.training import checkpoint, eval_lib, optim, preemption, sharding, steps
+from biformer_jax.training import metrics as metrics_lib
+from biformer_jax.training.train_state import TrainState, init_train_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,13 +41,10 @@ class NonFiniteLossError(FloatingPointError):
 
 def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from the config and the dataset size."""
-    batch = config.global_batch_size
-    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // batch
-    if steps_per_epoch <= 0:
-        raise ValueError(
-            f"global_batch_size={batch} is larger than the {num_train_examples} training examples; "
-            "lower it or set config.steps_per_epoch."
-        )
+    # The sampler's epoch too (train_iterator gets config.steps_per_epoch): one definition.
+    steps_per_epoch = data.steps_per_epoch(
+        num_train_examples, config.global_batch_size, config.steps_per_epoch, config.data.repeated_aug
+    )
     if config.num_train_steps > 0:
         return steps_per_epoch, int(config.num_train_steps)
     return steps_per_epoch, int((config.num_epochs + config.optim.cooldown_epochs) * steps_per_epoch)
@@ -53,53 +52,6 @@ def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
 
 def _every(value: int, default: int) -> int:
     return value if value > 0 else default
-
-
-def _init_from(config, state: TrainState, shardings: TrainState) -> TrainState:
-    """Replaces a fresh state's weights (and EMA) by those of config.init_from's checkpoint."""
-    ref = checkpoint.resolve(config.init_from)
-    saved = checkpoint.saved_shapes(ref)
-    head_ok = True
-    missing, unexpected, mismatched = checkpoint.mismatches(saved, state.variables, ignore=("head",))
-    if missing or unexpected or mismatched:
-        raise checkpoint.CheckpointMismatchError(
-            f"{ref.path} (config.init_from)", "the configured model", missing, unexpected, mismatched
-        )
-    model_head = state.params.get("head")
-    saved_head = saved["params"].get("head")
-    if model_head is not None:
-        head_ok = saved_head is not None and all(
-            tuple(saved_head[k].shape) == tuple(model_head[k].shape) for k in model_head if k in saved_head
-        )
-    loaded = checkpoint.load_variables(ref)  # host numpy
-    if not head_ok:
-        old = saved_head["kernel"].shape[-1] if saved_head and "kernel" in saved_head else "no"
-        logging.warning(
-            "init_from %s: the checkpoint's classifier has %s classes, the model %d: the head is re-initialised.",
-            ref.path,
-            old,
-            model_head["kernel"].shape[-1],
-        )
-        loaded["params"]["head"] = jax.device_get(state.params["head"])
-    elif model_head is None:
-        loaded["params"].pop("head", None)
-
-    def place(value, like, leaf_sharding):
-        value = np.asarray(value, dtype=like.dtype)
-        return jax.make_array_from_callback(value.shape, leaf_sharding, lambda index: value[index])
-
-    variables = jax.tree.map(
-        place,
-        {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
-        state.variables,
-        shardings.variables,
-    )
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    if state.has_ema:
-        ema = jax.tree.map(lambda x: x.copy(), variables)
-        state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
-    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
-    return state
 
 
 def _init_compiler_options() -> dict[str, Any]:
@@ -126,7 +78,7 @@ def initial_state(config, manager, init_fn, abstract: TrainState, shardings: Tra
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
     if config.init_from:
-        return _init_from(config, state, shardings)
+        return checkpoint.init_variables_from(config.init_from, state, shardings)
     logging.info("Starting from scratch (seed %d).", config.seed)
     return state
 
@@ -173,25 +125,18 @@ def setup(config, devices: list | None = None) -> Setup:
     """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state."""
     mesh = sharding.create_mesh(config.mesh, devices)
     info = data.dataset_info(config.data)
-    model = eval_lib.model_from_config(config, info.num_classes)
+    model = from_config.model_from_config(config, info.num_classes)
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
     steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
-    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
-    schedule = optim.lr_schedule(
-        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
-    )
-    tx = optim.create_optimizer(config.optim, schedule)
-    input_shape = (1, info.image_size, info.image_size, 3)
-    init_fn = functools.partial(
-        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
-    )
+    tx, schedule, base_lr = make_optimizer(config, steps_per_epoch)
+    init_fn = make_init_fn(config, model, tx, info.image_size)
     abstract = jax.eval_shape(init_fn, np.int32(config.seed))
     return Setup(
         mesh=mesh,
         info=info,
         model=model,
-        meta=eval_lib.model_meta(config, info.num_classes),
+        meta=from_config.model_meta(config, info.num_classes),
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,
@@ -203,24 +148,49 @@ def setup(config, devices: list | None = None) -> Setup:
     )
 
 
-def make_train_step(config, run: Setup):
-    """`steps.train_step` bound to the run and jitted over its mesh: (state, batch) -> (state, metrics).
+def make_optimizer(config, steps_per_epoch: int):
+    """(tx, schedule, base_lr): config.optim's optimiser and learning-rate schedule at the global batch size."""
+    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
+    schedule = optim.lr_schedule(
+        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
+    )
+    return optim.create_optimizer(config.optim, schedule), schedule, base_lr
 
-    The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
-    happens in place; the batch is split over every device; the metrics come back replicated.
+
+def make_init_fn(config, model, tx, image_size: int):
+    """seed -> the fresh TrainState of `model` and `tx` (with EMA when config.ema_decay > 0)."""
+    input_shape = (1, image_size, image_size, 3)
+    return functools.partial(
+        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
+    )
+
+
+def bind_train_step(config, model, tx, schedule, num_classes: int):
+    """`steps.train_step` with the config's mixup/cutmix, EMA and accumulation: (state, batch) -> (state, metrics).
+
+    Not jitted: `make_train_step` jits it over a run's mesh; the benchmarks jit it as it is.
     """
-    mix_fn = functools.partial(data.mixup_cutmix, num_classes=run.info.num_classes, cfg=config.mixup)
-    step = functools.partial(
+    mix_fn = functools.partial(data.mixup_cutmix, num_classes=num_classes, cfg=config.mixup)
+    return functools.partial(
         steps.train_step,
-        model=run.model,
-        tx=run.tx,
-        schedule=run.schedule,
+        model=model,
+        tx=tx,
+        schedule=schedule,
         mix_fn=mix_fn,
         ema_decay=config.ema_decay,
         grad_accum_steps=int(config.grad_accum_steps),
     )
+
+
+def make_train_step(config, run: Setup):
+    """`bind_train_step` for the run, jitted over its mesh: (state, batch) -> (state, metrics).
+
+    The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
+    happens in place; the batch is split over every device; the metrics come back replicated.
+    """
     return jax.jit(
-        kernels_see_mesh(step, run.mesh),  # Pallas kernels shard_map over the batch
+        # Pallas kernels shard_map over the batch: they need the mesh at trace time
+        kernels_see_mesh(bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes), run.mesh),
         in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
@@ -278,6 +248,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         global_batch_size=batch,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        epoch_steps=config.steps_per_epoch,
     )
     log_every = _every(config.log_every_steps, run.steps_per_epoch)
     eval_every = _every(config.eval_every_steps, run.steps_per_epoch)

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from biformer_jax import metrics as metrics_lib
+from biformer_jax.training import metrics as metrics_lib
 
 Point = dict[str, Any]
 
@@ -61,7 +61,7 @@ def load_sweep(path: str | os.PathLike) -> list[Point]:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} must define get_sweep(h) returning a list of override dicts.")
-    import biformer_jax.sweeps as h
+    import biformer_jax.training.sweeps as h
 
     points = list(module.get_sweep(h))
     if not points:

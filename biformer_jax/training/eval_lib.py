@@ -11,47 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
-from biformer_jax import checkpoint, data, models, sharding, steps
+from biformer_jax import data
+from biformer_jax.models.from_config import abstract_variables, model_from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
+from biformer_jax.training import checkpoint, sharding, steps
 
 EVAL_RESULTS_FILE = "eval_results.json"
-
-
-def model_from_config(config, num_classes: int):
-    """config.model with config.model_kwargs and the dataset's number of classes.
-
-    `config.compute_dtype` ("float32" | "bfloat16") is the model's compute dtype (parameters,
-    optimiser state and BatchNorm statistics stay float32, logits come back float32) and
-    `config.remat_stages` its `use_checkpoint_stages`; neither changes the weights, so neither is
-    recorded in checkpoints.
-    """
-    kwargs = dict(config.model_kwargs)
-    kwargs.setdefault("num_classes", num_classes)
-    compute_dtype = config.compute_dtype
-    if compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config.compute_dtype={compute_dtype!r}: use 'float32' or 'bfloat16'.")
-    if compute_dtype != "float32":
-        kwargs["dtype"] = jnp.dtype(compute_dtype)
-    if config.remat_stages:
-        kwargs["use_checkpoint_stages"] = tuple(int(i) for i in config.remat_stages)
-    return models.create_model(config.model, **kwargs)
-
-
-def model_meta(config, num_classes: int) -> dict[str, Any]:
-    """What a checkpoint records about its model (enough to rebuild it with create_model)."""
-    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config.model_kwargs).items()}
-    kwargs.setdefault("num_classes", num_classes)
-    return {"model": config.model, "model_kwargs": kwargs}
-
-
-def abstract_variables(model, image_size: int) -> dict[str, Any]:
-    """{"params", "batch_stats"} of `model` as ShapeDtypeStructs (no compute)."""
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def make_eval_step(model, mesh, variable_shardings) -> Callable:

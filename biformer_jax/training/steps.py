@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from biformer_jax import metrics as metrics_lib
-from biformer_jax.train_state import TrainState, ema_update
+from biformer_jax.training import metrics as metrics_lib
+from biformer_jax.training.train_state import TrainState, ema_update
 
 # (rng, images, labels) -> (images, soft targets (B, num_classes)); data.mixup_cutmix, bound.
 MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]

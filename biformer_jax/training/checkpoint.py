@@ -2,10 +2,10 @@
 
 Two formats, one loader:
 
-* **variables checkpoint** (`python -m biformer_jax.convert`, `save_variables`): a directory
-  `DIR/variables/` (an Orbax StandardCheckpointer save of {"params", "batch_stats"}) and
-  `DIR/biformer_jax.json` = {"format": "biformer_jax.variables/1", "model": <create_model name>,
-  "model_kwargs": {...}, ...}.
+* **variables checkpoint** (written by `python -m biformer_jax.convert` through
+  `convert.files.save_converted`): a directory `DIR/variables/` (an Orbax StandardCheckpointer
+  save of {"params", "batch_stats"}) and `DIR/biformer_jax.json` = {"format":
+  "biformer_jax.variables/1", "model": <create_model name>, "model_kwargs": {...}, ...}.
 * **train checkpoint**: `WORKDIR/checkpoints/<step>/` written by an Orbax CheckpointManager
   (asynchronously, atomically: a step directory appears only once complete) with items
   `variables` (same layout as above), `ema_variables` (when EMA is on), `train` ({"step",
@@ -13,7 +13,9 @@ Two formats, one loader:
 
 `resolve` accepts either directory, a train step directory, a CheckpointManager directory or a
 train.py workdir (meaning its latest checkpoint). Restoring checks shapes first and raises
-`CheckpointMismatchError` listing every missing, unexpected and mis-shaped array.
+`CheckpointMismatchError` listing every missing, unexpected and mis-shaped array;
+`init_variables_from` puts a checkpoint's weights into a fresh state (config.init_from),
+re-initialising a classifier of another size.
 """
 
 from __future__ import annotations
@@ -22,46 +24,27 @@ import dataclasses
 import json
 import logging as std_logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from biformer_jax.train_state import TrainState
+from biformer_jax.models.from_config import CheckpointMismatchError
+from biformer_jax.training.train_state import TrainState
 
 VARIABLES_FORMAT = "biformer_jax.variables/1"
 TRAIN_FORMAT = "biformer_jax.train/1"
 META_FILE = "biformer_jax.json"
 CHECKPOINT_SUBDIR = "checkpoints"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped array."""
-
-    def __init__(self, source: str, target: str, missing, unexpected, mismatched):
-        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
-        lines = [f"The checkpoint {source} does not match {target}:"]
-        for title, items in (
-            ("in the model, not in the checkpoint", self.missing),
-            ("in the checkpoint, not in the model", self.unexpected),
-            ("with a different shape", self.mismatched),
-        ):
-            if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {item}" for item in items[:40])
-                if len(items) > 40:
-                    lines.append(f"    ... and {len(items) - 40} more")
-        lines.append(
-            "Check config.model / config.model_kwargs against the model the checkpoint was made "
-            "with (its biformer_jax.json or meta says which), or use a fresh --workdir."
-        )
-        super().__init__("\n".join(lines))
+MISMATCH_HINT = (
+    "Check config.model / config.model_kwargs against the model the checkpoint was made "
+    "with (its biformer_jax.json or meta says which), or use a fresh --workdir."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +146,9 @@ def check_compatible(ref: CheckpointRef, expected: Any, *, what: str, item: str 
     """Raises CheckpointMismatchError unless the item's arrays have the model's names and shapes."""
     missing, unexpected, mismatched = mismatches(saved_shapes(ref, item), expected, ignore=ignore)
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(f"{ref.path / item}", what, missing, unexpected, mismatched)
+        raise CheckpointMismatchError(
+            f"The checkpoint {ref.path / item}", what, missing, unexpected, mismatched, hint=MISMATCH_HINT
+        )
 
 
 def load_variables(
@@ -187,40 +172,62 @@ def load_variables(
     return checkpointer.restore(item_dir, abstract)
 
 
-def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> epath.Path:
-    """Writes a variables checkpoint at `path` (which must not exist), atomically.
+def init_variables_from(path: str | os.PathLike, state: TrainState, shardings: TrainState) -> TrainState:
+    """A fresh state whose weights (and EMA) are those of the checkpoint at `path` (config.init_from).
 
-    `meta` must name the model ({"model": <create_model name>, "model_kwargs": {...}, ...});
-    "format" is added. Everything is written to a temporary sibling and renamed into place, so
-    `path` either does not exist or is complete.
+    Any checkpoint `resolve` accepts. Every array but the classifier must match the model; a
+    classifier of another size (or none) is kept as initialised, with a warning, and a
+    checkpoint's classifier is dropped for a model without one. The arrays are placed by
+    `shardings`.
     """
-    path = epath.Path(os.path.abspath(path))
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose a new directory (nothing was overwritten).")
-    if "model" not in meta:
-        raise ValueError("meta must name the model: {'model': <create_model name>, 'model_kwargs': {...}}.")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        checkpointer = ocp.StandardCheckpointer()
-        tree = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-        checkpointer.save(tmp / "variables", tree)
-        checkpointer.wait_until_finished()
-        record = {"format": VARIABLES_FORMAT, "model_kwargs": {}, **dict(meta)}
-        (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n")
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    ref = resolve(path)
+    saved = saved_shapes(ref)
+    head_ok = True
+    missing, unexpected, mismatched = mismatches(saved, state.variables, ignore=("head",))
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            f"The checkpoint {ref.path} (config.init_from)",
+            "the configured model",
+            missing,
+            unexpected,
+            mismatched,
+            hint=MISMATCH_HINT,
+        )
+    model_head = state.params.get("head")
+    saved_head = saved["params"].get("head")
+    if model_head is not None:
+        head_ok = saved_head is not None and all(
+            tuple(saved_head[k].shape) == tuple(model_head[k].shape) for k in model_head if k in saved_head
+        )
+    loaded = load_variables(ref)  # host numpy
+    if not head_ok:
+        old = saved_head["kernel"].shape[-1] if saved_head and "kernel" in saved_head else "no"
+        logging.warning(
+            "init_from %s: the checkpoint's classifier has %s classes, the model %d: the head is re-initialised.",
+            ref.path,
+            old,
+            model_head["kernel"].shape[-1],
+        )
+        loaded["params"]["head"] = jax.device_get(state.params["head"])
+    elif model_head is None:
+        loaded["params"].pop("head", None)
 
+    def place(value, like, leaf_sharding):
+        value = np.asarray(value, dtype=like.dtype)
+        return jax.make_array_from_callback(value.shape, leaf_sharding, lambda index: value[index])
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)
+    variables = jax.tree.map(
+        place,
+        {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
+        state.variables,
+        shardings.variables,
+    )
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if state.has_ema:
+        ema = jax.tree.map(lambda x: x.copy(), variables)
+        state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
+    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
+    return state
 
 
 # ---------------------------------------------------------------------------------------

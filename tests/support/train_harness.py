@@ -1,6 +1,6 @@
 """train.py with test hooks, run as a subprocess by the preemption and multi-process tests.
 
-    python tests/train_harness.py <train.py flags>
+    python tests/support/train_harness.py <train.py flags>
 
 Behaves exactly as train.py, plus two hooks set by environment variables (both write a marker
 file the test waits for, so the test acts at a known point instead of guessing with sleeps):
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -34,7 +34,8 @@ def _mark() -> None:
 def _install_pause(step: int) -> None:
     import jax
 
-    from biformer_jax import data, preemption
+    from biformer_jax import data
+    from biformer_jax.training import preemption
 
     received = threading.Event()
     on_sigterm = preemption.Watcher._on_sigterm

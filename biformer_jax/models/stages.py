@@ -1,0 +1,190 @@
+"""The frame BiFormer and DeBiFormer share: stem, four stages of blocks, classifier head.
+
+A conv stem (two 3x3/2 convs) and three 3x3/2 downsampling convs, each followed by
+BatchNorm, feed four stages of blocks; a final BatchNorm, global average pooling and a
+Linear head give the logits. Both models' official constructors take the same argument
+names, which these functions read from the model (`model.depth`, `model.embed_dim`, ...);
+a model supplies only its block class and what its blocks take beyond the common fields.
+Module names follow the official state_dict (`downsample_layers_0` holds `0`, `1`, `3`, `4`
+as `downsample_layers.0.{0,1,3,4}`; block j of stage i is `stages_i_j`), so the helpers
+declare their modules directly on the calling model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from biformer_jax.models.layers import BatchNorm, Dtype, check_nhwc_input, conv2d, dense, per_stage
+from biformer_jax.models.routing import RoutingSettings
+from biformer_jax.ops.fused import gelu
+
+PER_STAGE_ARGS = (
+    "depth",
+    "embed_dim",
+    "kv_per_wins",
+    "topks",
+    "qk_dims",
+    "kv_downsample_ratios",
+    "kv_downsample_kernels",
+    "mlp_ratios",
+)
+
+
+class Stem(nn.Module):
+    """conv3x3/2 -> BN -> GELU -> conv3x3/2 -> BN (official downsample_layers.0)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt, pdt, half = self.dtype, self.param_dtype, self.dim // 2
+        x = conv2d(half, 3, x.shape[-1], "0", dt, pdt, stride=2, padding=1)(x)
+        x = gelu(BatchNorm(dtype=dt, param_dtype=pdt, name="1")(x, train))
+        x = conv2d(self.dim, 3, half, "3", dt, pdt, stride=2, padding=1)(x)
+        return BatchNorm(dtype=dt, param_dtype=pdt, name="4")(x, train)
+
+
+class Downsample(nn.Module):
+    """conv3x3/2 -> BN between stages (official downsample_layers.1-3)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = conv2d(self.dim, 3, x.shape[-1], "0", self.dtype, self.param_dtype, stride=2, padding=1)(x)
+        return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x, train)
+
+
+def stochastic_depth_rates(drop_path_rate: float, depth: Sequence[int]) -> list[float]:
+    """torch.linspace(0, rate, sum(depth)) as the official code computes it (float32)."""
+    return [float(r) for r in np.linspace(0.0, drop_path_rate, sum(depth), dtype=np.float32)]
+
+
+def feature_info(embed_dim: Sequence[int]) -> tuple[dict[str, Any], ...]:
+    """timm's `feature_info`: stage i has embed_dim[i] channels at stride 4 * 2**i."""
+    return tuple({"num_chs": c, "reduction": 4 * 2**i, "module": f"stages_{i}"} for i, c in enumerate(embed_dim))
+
+
+def check_official_args(model: nn.Module, source: str) -> None:
+    """The argument checks both constructors share; `source` names the code they mirror."""
+    for name in PER_STAGE_ARGS:
+        per_stage(getattr(model, name), name)
+    if model.representation_size:
+        raise ValueError(
+            f"representation_size is not supported: {source}'s pre-logits layer is built with a list "
+            "width and cannot run; leave it None."
+        )
+    if model.pe not in (None, "none"):
+        raise ValueError(f"pe={model.pe!r}: {source} only accepts None / 'none'.")
+
+
+def check_head_split(model: nn.Module, stages: Sequence[int]) -> None:
+    for i in stages:
+        qk = model.qk_dims[i] or model.embed_dim[i]
+        if qk < model.head_dim or qk % model.head_dim:
+            raise ValueError(
+                f"stage {i}: qk_dim {qk} is not a multiple of head_dim {model.head_dim}, so it cannot be "
+                "split into heads; choose head_dim dividing qk_dims."
+            )
+
+
+def stage_routing(model: nn.Module, i: int, **extra: Any) -> RoutingSettings:
+    """Stage i's `RoutingSettings` from the official constructor arguments on `model`."""
+    qk_dim = model.qk_dims[i] or model.embed_dim[i]
+    return RoutingSettings(
+        num_heads=qk_dim // model.head_dim,
+        n_win=model.n_win,
+        qk_dim=qk_dim,
+        qk_scale=model.qk_scale,
+        kv_per_win=model.kv_per_wins[i],
+        kv_downsample_ratio=model.kv_downsample_ratios[i],
+        kv_downsample_mode=model.kv_downsample_mode,
+        topk=model.topks[i],
+        param_attention=model.param_attention,
+        param_routing=model.param_routing,
+        diff_routing=model.diff_routing,
+        soft_routing=model.soft_routing,
+        side_dwconv=model.side_dwconv,
+        auto_pad=model.auto_pad,
+        attn_impl=model.attn_impl,
+        dwconv_impl=model.dwconv_impl,
+        **extra,
+    )
+
+
+def run_stages(
+    model: nn.Module, x: jax.Array, train: bool, block_cls: type[nn.Module], stage_kwargs: Callable[[int], dict]
+) -> list[jax.Array]:
+    """Stem and downsampling layers, then the blocks of each stage; returns the four stage maps.
+
+    Each block gets the common official arguments of its stage plus `stage_kwargs(i)`.
+    Must be called from `model`'s compact `__call__` (the modules are declared on it).
+    """
+    dt, pdt = model.dtype, model.param_dtype
+    dp_rates = stochastic_depth_rates(model.drop_path_rate, model.depth)
+    features, cur = [], 0
+    for i in range(4):
+        if i == 0:
+            x = Stem(model.embed_dim[0], dt, pdt, name="downsample_layers_0")(x, train)
+        else:
+            x = Downsample(model.embed_dim[i], dt, pdt, name=f"downsample_layers_{i}")(x, train)
+        # remat per stage, the official use_checkpoint_stages; `train` is static.
+        cls = nn.remat(block_cls, static_argnums=(2,)) if i in model.use_checkpoint_stages else block_cls
+        kwargs = dict(
+            dim=model.embed_dim[i],
+            layer_scale_init_value=model.layer_scale_init_value,
+            mlp_ratio=model.mlp_ratios[i],
+            mlp_dwconv=model.mlp_dwconv,
+            before_attn_dwconv=model.before_attn_dwconv,
+            pre_norm=model.pre_norm,
+            dtype=dt,
+            param_dtype=pdt,
+            **stage_kwargs(i),
+        )
+        for j in range(model.depth[i]):
+            x = cls(drop_path=dp_rates[cur + j], name=f"stages_{i}_{j}", **kwargs)(x, train)
+        cur += model.depth[i]
+        features.append(x)
+    return features
+
+
+def classifier(model: nn.Module, x: jax.Array, train: bool, head_fan_in: Any = None) -> jax.Array:
+    """Final BatchNorm, global average pooling, dropout and the Linear head -> float32 logits.
+
+    `head_fan_in`: PyTorch's default Linear init for the head (see `layers.dense`)."""
+    dt, pdt = model.dtype, model.param_dtype
+    x = BatchNorm(dtype=dt, param_dtype=pdt, name="norm")(x, train)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)  # (N, C)
+    if model.num_classes > 0:
+        x = nn.Dropout(model.drop_rate, deterministic=not train)(x)
+        x = dense(model.num_classes, "head", dt, pdt, torch_init_fan_in=head_fan_in)(x)
+    return x.astype(jnp.float32)
+
+
+def forward(
+    model: nn.Module,
+    x: jax.Array,
+    train: bool,
+    return_features: bool,
+    block_cls: type[nn.Module],
+    stage_kwargs: Callable[[int], dict],
+    head_fan_in: Any = None,
+):
+    """The whole model on an NHWC batch: the stage maps (`features_only`), the logits, or
+    `(logits, stage maps)` (`return_features`)."""
+    check_nhwc_input(x, model.in_chans, type(model).__name__)
+    features = run_stages(model, x.astype(model.dtype), train, block_cls, stage_kwargs)
+    if model.features_only:
+        return features
+    logits = classifier(model, features[-1], train, head_fan_in)
+    return (logits, features) if return_features else logits

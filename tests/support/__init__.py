@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: golden data, micro training configs, subprocess runs, dataset fixtures."""
