@@ -34,12 +34,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's biformer_jax first
 sys.path.insert(0, str(HERE))
-
-import train_step as bench_steps  # noqa: E402  (benchmarks/train_step.py)
 
 from biformer_jax import models  # noqa: E402
 from biformer_jax.ops.routed_attention import resolve_impl, routed_attention  # noqa: E402
@@ -56,6 +55,36 @@ STAGES = {
     "512_s3": (64, 16, 16, 8, 16, 32),
 }
 SMOKE_STAGES = {"s1": (4, 16, 16, 2, 2, 8), "s2": (4, 4, 4, 2, 4, 8)}
+
+
+def train_state(model, tx, images):
+    variables = model.init(jax.random.key(0), images[:1])
+    params = variables["params"]
+    ema = {"params": params, "batch_stats": variables.get("batch_stats", {})}
+    return {"step": jnp.zeros((), jnp.int32), **ema, "opt_state": tx.init(params), "ema": ema}
+
+
+def make_train_step(model, tx, ema_decay=0.99996, smoothing=0.1):
+    """The trainer's step without its clu metrics (biformer_jax.training.steps imports clu):
+    label-smoothed cross entropy, AdamW, BatchNorm statistics, parameter/statistics EMA."""
+
+    def step(state, images, labels):
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(0), state["step"]))
+        rngs = {"dropout": keys[0], "drop_path": keys[1]}
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, model.num_classes), smoothing)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            logits, upd = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+            return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean(), upd["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats}
+        ema = jax.tree.map(lambda e, p: e * ema_decay + (1 - ema_decay) * p, state["ema"], new)
+        return {"step": state["step"] + 1, **new, "opt_state": opt_state, "ema": ema}, loss
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def rel_l2(a, b) -> float:
@@ -157,11 +186,13 @@ def time_models(args, deadline) -> list[dict]:
             images = jnp.asarray(rng.standard_normal((batch, side, side, 3)), jnp.float32)
             if mode == "train":
                 labels = jnp.asarray(rng.integers(0, model.num_classes, batch), jnp.int32)
-                _, state, step, rest = bench_steps.build_train(model, images, labels, which="bench")
-                jobs[impl, mode] = (step, (state, *rest), batch)
+                tx = optax.adamw(5e-4, weight_decay=0.05, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+                state = jax.jit(lambda x, m=model, tx=tx: train_state(m, tx, x))(images[:1])
+                jobs[impl, mode] = (make_train_step(model, tx), (state, images, labels), batch)
             else:
                 variables = jax.jit(lambda x, m=model: m.init(jax.random.key(0), x))(images[:1])
-                jobs[impl, mode] = (bench_steps.make_infer_step(model), (variables, images), batch)
+                infer = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+                jobs[impl, mode] = (infer, (variables, images), batch)
 
     def compile_job(key):
         step, call_args, _ = jobs[key]

@@ -110,6 +110,7 @@ def test_one_artifact_carries_cpu_cuda_and_tpu_code_and_runs_on_cpu():
     text = exported.mlir_module()
     assert text.count("mosaic_gpu_v2") == 3  # forward, dq, dk/dv
     assert text.count("tpu_custom_call") == 3
+    exported = jax.export.deserialize(exported.serialize())  # as a serving artifact
     got = exported.call(q, kv, r_weight)  # the CPU branch of the same artifact
     want = attention_and_grad("gather", 2, 0.2, r_idx)(q, kv, r_weight)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
