@@ -45,18 +45,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BLOCK = 64  # rows per tile: the wgmma M of one warpgroup
+from biformer_jax.ops.pallas_gpu_utils import BLOCK, Ops, launch, row, smem
+
 WIDTH = 16  # head widths are padded to a multiple of this (the bf16 wgmma K step)
-_NT = (((1,), (1,)), ((), ()))
-_NN = (((1,), (0,)), ((), ()))
-
-
-def interpret_params():
-    """The Mosaic GPU interpreter's parameters (private in JAX 0.10; public names vary)."""
-    params = getattr(plgpu, "InterpretParams", None) or getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-    return params()
 
 
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
@@ -78,91 +69,6 @@ def compute_dtype(dtype, interpret: bool = False) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-class _Ops:
-    """Matmuls, layouts and vector loads: wgmma and Mosaic GPU layouts, or plain JAX when
-    interpreting (the interpreter lowers ordinary primitives with XLA)."""
-
-    def __init__(self, interpret: bool):
-        self.interpret = interpret
-
-    def lc(self, x, layout):
-        return x if self.interpret else plgpu.layout_cast(x, layout)
-
-    def zeros(self, shape, layout):
-        return self.lc(jnp.zeros(shape, jnp.float32), layout)
-
-    def full(self, shape, value, layout):
-        return self.lc(jnp.full(shape, value, jnp.float32), layout)
-
-    def col_iota(self, shape):
-        if self.interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, 1)
-        return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-
-    def vload(self, ref, start, layout):
-        """A (BLOCK,) float32 vector from ref[start:start+BLOCK] (GMEM) in `layout`."""
-        if self.interpret:
-            return ref[pl.ds(start, BLOCK)]
-        return plgpu.load(ref, pl.ds(start, BLOCK), layout=layout, optimized=False)
-
-    def mm_nt(self, a_ref, b_ref):
-        """a @ b^T, both in SMEM: (M, c) x (N, c) -> (M, N) float32."""
-        if self.interpret:
-            return lax.dot_general(a_ref[...], b_ref[...], _NT, preferred_element_type=jnp.float32)
-
-        def f(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
-            return acc_ref[...]
-
-        return pl.run_scoped(f, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
-
-    def mm_nn(self, a, b_ref):
-        """a @ b with a in registers (16-bit) and b in SMEM: (M, K) x (K, N) -> (M, N) float32."""
-        if self.interpret:
-            return lax.dot_general(a, b_ref[...], _NN, preferred_element_type=jnp.float32)
-
-        def f(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_ref)
-            return acc_ref[...]
-
-        return pl.run_scoped(f, plgpu.ACC((a.shape[0], b_ref.shape[1]), jnp.float32))
-
-
-def _smem(shape, dtype):
-    """A swizzled SMEM tile (or ring of tiles) usable as a wgmma operand."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(shape[-1] * itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-def _launch(body, inputs, out_type, scratch, grid, interpret: bool):
-    """body(ids, *input_refs, *output_refs, *scratch_refs) over `grid`, every operand in
-    GMEM; ids() gives the instance's grid indices.
-
-    `plgpu.kernel` lowers through `mpmd_map`, which refuses a multi-platform lowering
-    context: `pallas_dispatch` lowers the GPU kernels in a context holding 'cuda' alone, so
-    one artifact can still carry cpu, cuda and tpu code.
-    """
-    names = tuple(f"g{i}" for i in range(len(grid)))
-    kernel = functools.partial(body, lambda: tuple(lax.axis_index(a) for a in names))
-    kernel.__name__ = body.__name__
-    run = plgpu.kernel(
-        kernel,
-        out_type=list(out_type),
-        scratch_types=scratch,
-        grid=grid,
-        grid_names=names,
-        interpret=interpret_params() if interpret else None,
-    )
-    return run(*inputs)
-
-
-def _row(x, shape, axis):
-    """Broadcast a (BLOCK,) vector along `axis` of a 2D tile."""
-    return lax.broadcast_in_dim(x, shape, [1 - axis])
-
-
 # --- forward ------------------------------------------------------------------------------
 
 
@@ -180,7 +86,7 @@ def forward(qh, kh, vh, r_idx, w, tkv: int, interpret: bool):
     nk = tk // BLOCK
     steps = topk * nk
     dt = qh.dtype
-    ops = _Ops(interpret)
+    ops = Ops(interpret)
     wg, red = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
     def body(ids, idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_s, o_s, k_s, v_s, lse_s, q_bar, k_bar, v_bar):
@@ -210,10 +116,10 @@ def forward(qh, kh, vh, r_idx, w, tkv: int, interpret: bool):
                 sc = jnp.where(ops.col_iota(sc.shape) + t * BLOCK < tkv, sc, -jnp.inf)
             m_new = jnp.maximum(m_i, sc.max(axis=1))
             alpha = jnp.exp(m_i - m_new)
-            pr = jnp.exp(sc - _row(m_new, sc.shape, 1))
+            pr = jnp.exp(sc - row(m_new, sc.shape, 1))
             l_i = l_i * alpha + pr.sum(axis=1)
             plgpu.barrier_wait(v_bar.at[slot])
-            acc = acc * _row(alpha, acc.shape, 1) + ops.mm_nn((pr * wj).astype(dt), v_s.at[slot])
+            acc = acc * row(alpha, acc.shape, 1) + ops.mm_nn((pr * wj).astype(dt), v_s.at[slot])
 
             @pl.when(s + 2 < steps)
             def _():
@@ -223,7 +129,7 @@ def forward(qh, kh, vh, r_idx, w, tkv: int, interpret: bool):
 
         init = (ops.zeros((BLOCK, dv), wg), ops.full((BLOCK,), -jnp.inf, red), ops.zeros((BLOCK,), red))
         acc, m_i, l_i = lax.fori_loop(0, steps, step, init)
-        o_s[...] = acc / _row(l_i, acc.shape, 1)
+        o_s[...] = acc / row(l_i, acc.shape, 1)
         lse_s[...] = m_i + jnp.log(l_i)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, r, h, rows])
@@ -231,7 +137,7 @@ def forward(qh, kh, vh, r_idx, w, tkv: int, interpret: bool):
         plgpu.wait_smem_to_gmem(0)
 
     body.__name__ = "routed_attention_fwd"  # the kernel's name in profiles
-    return _launch(
+    return launch(
         body,
         (r_idx, w, qh, kh, vh),
         [
@@ -239,10 +145,10 @@ def forward(qh, kh, vh, r_idx, w, tkv: int, interpret: bool):
             jax.ShapeDtypeStruct((n, p, m, tq), jnp.float32),
         ],
         [
-            _smem((BLOCK, d), dt),
-            _smem((BLOCK, dv), jnp.float32),
-            _smem((2, BLOCK, d), dt),
-            _smem((2, BLOCK, dv), dt),
+            smem((BLOCK, d), dt),
+            smem((BLOCK, dv), jnp.float32),
+            smem((2, BLOCK, d), dt),
+            smem((2, BLOCK, dv), dt),
             plgpu.SMEM((BLOCK,), jnp.float32),
             plgpu.Barrier(num_barriers=1),
             plgpu.Barrier(num_barriers=2),
@@ -268,7 +174,7 @@ def backward_dq(qh, kh, vh, r_idx, w, lse, do, delta, soft: bool, interpret: boo
     nk = tk // BLOCK
     steps = topk * nk
     dt = qh.dtype
-    ops = _Ops(interpret)
+    ops = Ops(interpret)
     wg, red = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
     def body(ids, idx_ref, w_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dl_ref, *rest):
@@ -301,10 +207,10 @@ def backward_dq(qh, kh, vh, r_idx, w, lse, do, delta, soft: bool, interpret: boo
             wj = w_ref[b, r, j]
             plgpu.barrier_wait(k_bar.at[slot])
             s_raw = ops.mm_nt(q_s, k_s.at[slot])  # (BLOCK q, BLOCK kv)
-            pr = jnp.exp(s_raw * wj - _row(lse, s_raw.shape, 1))
+            pr = jnp.exp(s_raw * wj - row(lse, s_raw.shape, 1))
             plgpu.barrier_wait(v_bar.at[slot])
             dpv = ops.mm_nt(do_s, v_s.at[slot])  # d loss / d (p * w)
-            ds = pr * (dpv * wj - _row(delta, s_raw.shape, 1))  # d loss / d (w * s_raw)
+            ds = pr * (dpv * wj - row(delta, s_raw.shape, 1))  # d loss / d (w * s_raw)
             if soft:  # w scales the logits and the values of its region
                 dw_s[s] = (ds * s_raw + pr * dpv).sum(axis=1)
             dq = dq + ops.mm_nn((ds * wj).astype(dt), k_s.at[slot])
@@ -323,15 +229,15 @@ def backward_dq(qh, kh, vh, r_idx, w, lse, do, delta, soft: bool, interpret: boo
         plgpu.wait_smem_to_gmem(0)
 
     out_type = [jax.ShapeDtypeStruct((n, p, m, tq, d), jnp.float32)]
-    scratch = [_smem((BLOCK, d), dt), _smem((BLOCK, dv), dt), _smem((2, BLOCK, d), dt), _smem((2, BLOCK, dv), dt)]
-    scratch.append(_smem((BLOCK, d), jnp.float32))
+    scratch = [smem((BLOCK, d), dt), smem((BLOCK, dv), dt), smem((2, BLOCK, d), dt), smem((2, BLOCK, dv), dt)]
+    scratch.append(smem((BLOCK, d), jnp.float32))
     if soft:
         out_type.append(jax.ShapeDtypeStruct((n, p, m, tq // BLOCK, steps, BLOCK), jnp.float32))
         scratch.append(plgpu.SMEM((steps, BLOCK), jnp.float32))
     scratch += [plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2)]
     body.__name__ = "routed_attention_dq"
     inputs = (r_idx, w, qh, kh, vh, lse, do, delta)
-    outs = _launch(body, inputs, out_type, scratch, (n, p, m, tq // BLOCK), interpret)
+    outs = launch(body, inputs, out_type, scratch, (n, p, m, tq // BLOCK), interpret)
     return outs if soft else (outs[0], None)
 
 
@@ -347,7 +253,7 @@ def backward_dkv(qh, kh, vh, inv_q, inv_k, count, w, lse, do, delta, interpret: 
     tk, dv = kh.shape[3], vh.shape[4]
     nq = tq // BLOCK
     dt = qh.dtype
-    ops = _Ops(interpret)
+    ops = Ops(interpret)
     wg, red = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(0)
 
     def body(ids, iq_ref, ik_ref, c_ref, w_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dl_ref, *rest):
@@ -383,11 +289,11 @@ def backward_dkv(qh, kh, vh, inv_q, inv_k, count, w, lse, do, delta, interpret: 
             delta = ops.vload(dl_ref.at[b, src, h], t * BLOCK, red)
             plgpu.barrier_wait(q_bar.at[slot])
             s_t = ops.mm_nt(k_s, q_s.at[slot])  # (BLOCK kv, BLOCK q): raw logits, transposed
-            p_t = jnp.exp(s_t * wj - _row(lse, s_t.shape, 0))
+            p_t = jnp.exp(s_t * wj - row(lse, s_t.shape, 0))
             plgpu.barrier_wait(do_bar.at[slot])
             dv_acc = dv_acc + ops.mm_nn((p_t * wj).astype(dt), do_s.at[slot])
             dp_t = ops.mm_nt(v_s, do_s.at[slot])  # (BLOCK kv, BLOCK q)
-            ds_t = p_t * (dp_t * wj - _row(delta, s_t.shape, 0))
+            ds_t = p_t * (dp_t * wj - row(delta, s_t.shape, 0))
             dk = dk + ops.mm_nn((ds_t * wj).astype(dt), q_s.at[slot])
 
             @pl.when(s + 2 < steps)
@@ -405,7 +311,7 @@ def backward_dkv(qh, kh, vh, inv_q, inv_k, count, w, lse, do, delta, interpret: 
         plgpu.wait_smem_to_gmem(0)
 
     body.__name__ = "routed_attention_dkv"
-    return _launch(
+    return launch(
         body,
         (inv_q, inv_k, count, w, qh, kh, vh, lse, do, delta),
         [
@@ -413,12 +319,12 @@ def backward_dkv(qh, kh, vh, inv_q, inv_k, count, w, lse, do, delta, interpret: 
             jax.ShapeDtypeStruct((n, p, m, tk, dv), jnp.float32),
         ],
         [
-            _smem((BLOCK, d), dt),
-            _smem((BLOCK, dv), dt),
-            _smem((2, BLOCK, d), dt),
-            _smem((2, BLOCK, dv), dt),
-            _smem((BLOCK, d), jnp.float32),
-            _smem((BLOCK, dv), jnp.float32),
+            smem((BLOCK, d), dt),
+            smem((BLOCK, dv), dt),
+            smem((2, BLOCK, d), dt),
+            smem((2, BLOCK, dv), dt),
+            smem((BLOCK, d), jnp.float32),
+            smem((BLOCK, dv), jnp.float32),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
