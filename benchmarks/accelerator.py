@@ -147,14 +147,14 @@ def check_kernels(stages, batch) -> list[dict]:
     return rows
 
 
-def time_stages(stages, batch, steps) -> list[dict]:
+def time_stages(stages, batch, steps, impls) -> list[dict]:
     platform = jax.default_backend()
     platform = "cuda" if platform == "gpu" else platform
     rows = []
     for name, stage in stages.items():
         q, kv, r_idx, heads = attention_case(stage, batch, jnp.bfloat16)
         row = dict(stage=name, batch=batch)
-        for impl in IMPLS[:-1]:
+        for impl in impls:
             try:
                 row[impl + "_ms"] = 1e3 * timed(attention_fn(impl, r_idx, heads), q, kv, steps=steps)
             except Exception as e:  # noqa: BLE001  (a failing impl is reported, not fatal)
@@ -321,7 +321,7 @@ def markdown(result) -> str:
     lines += ["", "Routed attention alone, forward + backward, bf16 (ms):", ""]
     lines += ["| stage | " + " | ".join(impls) + " | fastest | auto picks |", "|---" * (len(impls) + 3) + "|"]
     for r in result["stages"]:
-        cells = [f"{r[i + '_ms']:.3f}" if r.get(i + "_ms") is not None else "error" for i in impls]
+        cells = [f"{r[i + '_ms']:.3f}" if r.get(i + "_ms") is not None else "-" for i in impls]
         lines.append(f"| {r['stage']} | " + " | ".join(cells) + f" | {r['fastest']} | {r['auto_picks']} |")
     return "\n".join(lines) + "\n"
 
@@ -350,7 +350,8 @@ def main(argv=None) -> dict:
     result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__)
     result["peak_tflop_per_s"] = matmul_peak(args.smoke) / 1e12
     result["kernel_check"] = check_kernels(stages, batch)
-    result["stages"] = time_stages(stages, batch * 4, args.steps)
+    stage_impls = [i for i in IMPLS[:-1] if i in args.impls.split(",") or i == "gather"]
+    result["stages"] = time_stages(stages, batch * 4, args.steps, stage_impls)
     result["models"], flops = time_models(args, deadline)
     result["model_gflop"] = flops / 1e9
     for r in result["models"]:

@@ -26,7 +26,9 @@ CASES = {
     "biformer_small_224": ("biformer_small", 224, {}, 3),
     "biformer_base_224": ("biformer_base", 224, {}, 3),
     "biformer_small_512_seg": ("biformer_small", 512, dict(n_win=8, auto_pad=True), 3),
-    "debiformer_small_224": ("debiformer_small", 224, {}, 3),
+    # DeBiFormer-T: the routed (agent) attention of -S/-B, at half the depth (-S took 400-700 s
+    # to trace on the loaded 2-core CI machine, -T's depth 1/1/4/1 a fraction of it)
+    "debiformer_tiny_224": ("debiformer_tiny", 224, {}, 3),
 }
 
 
