@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_accelerator_benchmark_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a GPU host
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--smoke", f"--out={tmp_path}"]
-    cmd += ["--impls=pallas", "--steps=1", "--compile_threads=2"]
+    cmd += ["--impls=pallas", "--steps=1", "--compile_threads=2", "--budget_s=100000"]  # no budget on CI
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "accelerator.json").read_text())
