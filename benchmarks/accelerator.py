@@ -209,7 +209,7 @@ def time_models(args, deadline) -> list[dict]:
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(impl="?", mode="?", error=f"{type(e).__name__}: {str(e)[:300]}"))
     flops = model_flops(models.create_model(name), 1, side)
-    for (impl, mode), (_, call_args, batch) in jobs.items():
+    for (impl, mode), (step, call_args, batch) in jobs.items():
         row = dict(impl=impl, mode=mode, batch=batch)
         if (impl, mode) not in compiled:
             row["error"] = "did not compile (see the error rows)"
@@ -220,8 +220,10 @@ def time_models(args, deadline) -> list[dict]:
             if mode == "train":  # the state is donated: carry it through
                 state = call_args[0]
 
-                def run(state, *rest, exe=exe):
-                    return exe(state, *rest)[0]
+                # The jitted step, not `exe`: the carried state may differ in weak types from the
+                # first call's, which the AOT executable refuses; the warmup calls absorb a retrace.
+                def run(state, *rest, step=step):
+                    return step(state, *rest)[0]
 
                 for _ in range(2):
                     state = jax.block_until_ready(run(state, *call_args[1:]))
