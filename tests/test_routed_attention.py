@@ -12,7 +12,8 @@ from support.golden import rel_l2, require, route_agreement
 
 from biformer_jax import convert, models
 from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention, default_chunk
-from biformer_jax.ops.pallas_routed_attention import inverse_routing, pallas_routed_attention
+from biformer_jax.ops.pallas_dispatch import pallas_routed_attention
+from biformer_jax.ops.pallas_routed_attention import inverse_routing
 from biformer_jax.ops.routed_attention import resolve_impl, routed_attention
 
 # (N, P, Tq, Tkv, Cqk, Cv, heads, topk): several heads, one head, topk 1, pooled kv (Tkv != Tq),
@@ -181,8 +182,6 @@ def test_bad_inputs_name_the_problem():
         routed_attention(q, kv, r_idx, None, num_heads=5, scale=1.0)
     with pytest.raises(ValueError, match="r_weight"):
         routed_attention(q, kv, r_idx, jnp.ones((2, 9, 1)), num_heads=2, scale=1.0)
-    with pytest.raises(ValueError, match="pallas_interpret"):
-        routed_attention(q, kv, r_idx, None, num_heads=2, scale=1.0, impl="pallas")
 
 
 def test_inverse_routing_lists_each_query_region_once():
@@ -219,12 +218,6 @@ def test_pallas_interpret_matches_gather(variant, shape, soft):
         ct,
     )
     assert_all_close(got, want, 1e-5)
-
-
-def test_pallas_gpu_variant_rejects_non_power_of_two_blocks():
-    q, kv, r_idx, _, _ = make_inputs((1, 4, 3, 3, 8, 8, 2, 2), False)
-    with pytest.raises(ValueError, match="power-of-two"):
-        pallas_routed_attention(q, kv, r_idx, None, num_heads=2, scale=1.0, interpret=True, variant="gpu")
 
 
 @pytest.mark.slow

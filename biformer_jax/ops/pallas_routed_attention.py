@@ -1,43 +1,36 @@
-"""Pallas kernels for routed attention (`routed_attention(impl='pallas')`).
+"""Pallas Mosaic TPU kernels for routed attention (the 'tpu' branch of `impl='pallas'`).
 
 The gather never happens: each kernel instance owns one (image, query region, head) and
 reads the key/value blocks of its routed regions straight from K/V by routing index, with
-an online softmax (FlashAttention-style running max / normaliser / output) over them.
+an online softmax (FlashAttention-style running max / normaliser / output) over them
+(block updates in `pallas_blocks`: `fwd_update`, `dq_update`, `dkv_update`).
+The routing indices (and weights) are scalar-prefetched (`PrefetchScalarGridSpec`) and
+drive the BlockSpec index maps, so the pipeline DMAs exactly the routed K/V blocks; the
+routed regions are the innermost ("arbitrary") grid axis, the accumulators live in VMEM
+scratch. Blocks are whole regions (a block side equal to the array's is always allowed),
+so odd token counts (49 queries, 4 keys) need no padding.
 
-Two launch styles, one set of block updates (`pallas_blocks`: `fwd_update`, `dq_update`, `dkv_update`):
+Backward (residuals q, k, v, output and log-sum-exp; nothing topk-fold): a dq kernel on
+the same grid as the forward (also giving the routing-weight gradient), and a dk/dv
+kernel over *key* regions that visits the query regions routed to each one, from an
+inverse routing table built with one argsort (`inverse_routing`, shared with the GPU
+kernels in `pallas_gpu_routed_attention`). The custom VJP and the choice of platform
+live in `pallas_dispatch`.
 
-- 'tpu': the routing indices (and weights) are scalar-prefetched (`PrefetchScalarGridSpec`)
-  and drive the BlockSpec index maps, so the pipeline DMAs exactly the routed K/V blocks;
-  the routed regions are the innermost ("arbitrary") grid axis, the accumulators live in
-  VMEM scratch. Tested on CPU in TPU interpret mode (`pltpu.InterpretParams`).
-- 'gpu': (Triton-style) one program per (image, query region, head) loops over its routed
-  regions and loads each K/V block with a dynamic index. Tested in Pallas interpret mode.
-  Triton needs power-of-two block sides: region token counts and head widths (BiFormer at
-  224: 64/16/4 tokens, 32 wide) qualify; other shapes raise a clear error.
-
-Backward (custom VJP, residuals q, k, v, output and log-sum-exp; nothing topk-fold):
-a dq kernel on the same grid as the forward (also giving the routing-weight gradient),
-and a dk/dv kernel over *key* regions that visits the query regions routed to each one,
-from an inverse routing table built with one argsort (`inverse_routing`).
-
-Not compiled for real GPU/TPU hardware in this repository's CI (CPU only): the interpret-
-mode tests check the numerics and the indexing, not Mosaic/Triton lowering or speed.
+CI checks the numerics in TPU interpret mode (`pltpu.InterpretParams`) and that whole
+models lower for 'tpu' (`jax.export`); no TPU compiles or times them there.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from biformer_jax.ops.heads import merge_heads, split_qkv_heads
 from biformer_jax.ops.pallas_blocks import dkv_update, dq_update, fwd_update
-
-VARIANTS = ("tpu", "gpu")
 
 
 def inverse_routing(r_idx: jax.Array):
@@ -59,83 +52,6 @@ def inverse_routing(r_idx: jax.Array):
     return src // k, src % k, count
 
 
-def pallas_routed_attention(
-    q: jax.Array,
-    kv: jax.Array,
-    r_idx: jax.Array,
-    r_weight: Optional[jax.Array],
-    *,
-    num_heads: int,
-    scale: float,
-    interpret: bool = False,
-    variant: Optional[str] = None,
-) -> jax.Array:
-    """Same contract as `routed_attention`.
-
-    variant: 'tpu' or 'gpu' (default: the current backend's; 'gpu' in interpret mode).
-    interpret: run in Pallas interpret mode (CPU tests): TPU interpret mode for 'tpu'.
-    """
-    if variant is None:
-        backend = jax.default_backend()
-        if interpret:
-            variant = "gpu"
-        elif backend in ("tpu", "gpu"):
-            variant = backend
-        else:
-            raise ValueError(
-                f"attn_impl='pallas' needs a GPU or TPU backend (this one is {backend!r}); on CPU use "
-                "'pallas_interpret' (slow, for tests) or 'chunked'/'gather'/'auto'."
-            )
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is not one of {VARIANTS}.")
-    qh, kh, vh = split_qkv_heads(q, kv, num_heads, scale)  # (N, P, m, Tq, d), (N, P, m, Tkv, d|dv)
-    if variant == "gpu":
-        _check_gpu_shapes(qh, kh, vh)
-    soft = r_weight is not None
-    w = r_weight.astype(jnp.float32) if soft else jnp.ones(r_idx.shape, jnp.float32)
-    out = _attend(qh, kh, vh, r_idx.astype(jnp.int32), w, variant, interpret, soft)  # (N, P, m, Tq, dv)
-    return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
-
-
-def _check_gpu_shapes(qh, kh, vh):
-    sides = {"query tokens per region": qh.shape[3], "key tokens per region": kh.shape[3]}
-    sides.update({"qk head width": qh.shape[4], "v head width": vh.shape[4]})
-    bad = {k: v for k, v in sides.items() if v & (v - 1)}
-    if bad:
-        raise ValueError(
-            f"the GPU (Triton) routed-attention kernel needs power-of-two block sides, got {bad}; "
-            "use attn_impl='chunked' or 'gather' for this configuration."
-        )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attend(qh, kh, vh, r_idx, w, variant, interpret, soft):
-    return _forward(qh, kh, vh, r_idx, w, variant, interpret)[0]
-
-
-def _attend_fwd(qh, kh, vh, r_idx, w, variant, interpret, soft):
-    out, lse = _forward(qh, kh, vh, r_idx, w, variant, interpret)
-    return out, (qh, kh, vh, r_idx, w, out, lse)
-
-
-def _attend_bwd(variant, interpret, soft, res, dout):
-    qh, kh, vh, r_idx, w, out, lse = res
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (N,P,m,Tq,1)
-    dout = dout.astype(vh.dtype)
-    launch = _tpu_backward if variant == "tpu" else _gpu_backward
-    dq, dk, dv, dw = launch(qh, kh, vh, r_idx, w, lse, dout, delta, interpret)
-    dw = jnp.sum(dw, axis=2) if soft else jnp.zeros_like(w)  # (N, P, m, K) -> (N, P, K)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, dw
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def _forward(qh, kh, vh, r_idx, w, variant, interpret):
-    launch = _tpu_forward if variant == "tpu" else _gpu_forward
-    return launch(qh, kh, vh, r_idx, w, interpret)
-
-
 def _tpu_interpret(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
@@ -153,7 +69,8 @@ def _tpu_routed_block(b, r, h, j, idx, *_):
     return (b, idx[b, r, j], h, 0, 0)
 
 
-def _tpu_forward(qh, kh, vh, r_idx, w, interpret):
+@functools.partial(jax.jit, static_argnames=("interpret",))  # lowered once per shape
+def tpu_forward(qh, kh, vh, r_idx, w, interpret):
     n, p, m, tq, d = qh.shape
     tkv, dv = kh.shape[3], vh.shape[4]
     topk = r_idx.shape[-1]
@@ -203,7 +120,8 @@ def _tpu_forward(qh, kh, vh, r_idx, w, interpret):
     )(r_idx, w, qh, kh, vh)
 
 
-def _tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
     n, p, m, tq, d = qh.shape
     tkv, dv = kh.shape[3], vh.shape[4]
     topk = r_idx.shape[-1]
@@ -296,137 +214,5 @@ def _tpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
         ),
         out_shape=[jax.ShapeDtypeStruct(kh.shape, jnp.float32), jax.ShapeDtypeStruct(vh.shape, jnp.float32)],
         interpret=_tpu_interpret(interpret),
-    )(inv_q, inv_k, count, w, kh, vh, qh, lse, dout, delta)
-    return dq, dk, dv, dw[:, :, :, 0, :]
-
-
-# --- GPU (Triton style): one program per (image, region, head), loop with dynamic loads ---
-
-
-def _whole(x):
-    """A BlockSpec handing the kernel the whole array (indexed inside with dynamic indices)."""
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-def _gpu_forward(qh, kh, vh, r_idx, w, interpret):
-    n, p, m, tq, d = qh.shape
-    dv = vh.shape[4]
-    topk = r_idx.shape[-1]
-
-    def kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        b, r, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        q = q_ref[...]
-
-        def body(j, carry):
-            src = idx_ref[b, r, j]
-            return fwd_update(q, k_ref[b, src, h], v_ref[b, src, h], w_ref[b, r, j], *carry)
-
-        init = (
-            jnp.full((tq, 1), -jnp.inf, jnp.float32),
-            jnp.zeros((tq, 1), jnp.float32),
-            jnp.zeros((tq, dv), jnp.float32),
-        )
-        mx, l, acc = jax.lax.fori_loop(0, topk, body, init)
-        o_ref[...] = (acc / l).astype(o_ref.dtype)
-        lse_ref[...] = mx + jnp.log(l)
-
-    own = lambda b, r, h: (b, r, h, 0, 0)  # noqa: E731
-    return pl.pallas_call(
-        kernel,
-        grid=(n, p, m),
-        in_specs=[_whole(r_idx), _whole(w), pl.BlockSpec((None, None, None, tq, d), own), _whole(kh), _whole(vh)],
-        out_specs=[pl.BlockSpec((None, None, None, tq, dv), own), pl.BlockSpec((None, None, None, tq, 1), own)],
-        out_shape=[
-            jax.ShapeDtypeStruct((n, p, m, tq, dv), vh.dtype),
-            jax.ShapeDtypeStruct((n, p, m, tq, 1), jnp.float32),
-        ],
-        interpret=interpret,
-    )(r_idx, w, qh, kh, vh)
-
-
-def _gpu_backward(qh, kh, vh, r_idx, w, lse, dout, delta, interpret):
-    n, p, m, tq, d = qh.shape
-    tkv, dv = kh.shape[3], vh.shape[4]
-    topk = r_idx.shape[-1]
-    own = lambda b, r, h: (b, r, h, 0, 0)  # noqa: E731
-
-    def dq_kernel(idx_ref, w_ref, q_ref, k_ref, v_ref, lse_ref, do_ref, dl_ref, dq_ref, dw_ref):
-        b, r, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        q, lse, do, delta = q_ref[...], lse_ref[...], do_ref[...], dl_ref[...]
-        slot = jax.lax.broadcasted_iota(jnp.int32, (1, topk), 1)
-
-        def body(j, carry):
-            dq, dws = carry
-            src = idx_ref[b, r, j]
-            dq, dw = dq_update(q, k_ref[b, src, h], v_ref[b, src, h], w_ref[b, r, j], lse, do, delta, dq)
-            return dq, jnp.where(slot == j, dw, dws)
-
-        dq, dws = jax.lax.fori_loop(0, topk, body, (jnp.zeros((tq, d), jnp.float32), jnp.zeros((1, topk), jnp.float32)))
-        dq_ref[...] = dq
-        dw_ref[...] = dws
-
-    dq, dw = pl.pallas_call(
-        dq_kernel,
-        grid=(n, p, m),
-        in_specs=[
-            _whole(r_idx),
-            _whole(w),
-            pl.BlockSpec((None, None, None, tq, d), own),
-            _whole(kh),
-            _whole(vh),
-            pl.BlockSpec((None, None, None, tq, 1), own),
-            pl.BlockSpec((None, None, None, tq, dv), own),
-            pl.BlockSpec((None, None, None, tq, 1), own),
-        ],
-        out_specs=[pl.BlockSpec((None, None, None, tq, d), own), pl.BlockSpec((None, None, None, 1, topk), own)],
-        out_shape=[
-            jax.ShapeDtypeStruct(qh.shape, jnp.float32),
-            jax.ShapeDtypeStruct((n, p, m, 1, topk), jnp.float32),
-        ],
-        interpret=interpret,
-    )(r_idx, w, qh, kh, vh, lse, dout, delta)
-
-    inv_q, inv_k, count = inverse_routing(r_idx)
-
-    def dkv_kernel(iq_ref, ik_ref, c_ref, w_ref, k_ref, v_ref, q_ref, lse_ref, do_ref, dl_ref, dk_ref, dv_ref):
-        b, r, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        k, v = k_ref[...], v_ref[...]
-
-        def body(j, carry):
-            src, slot = iq_ref[b, r, j], ik_ref[b, r, j]
-            return dkv_update(
-                q_ref[b, src, h],
-                k,
-                v,
-                w_ref[b, src, slot],
-                lse_ref[b, src, h],
-                do_ref[b, src, h],
-                dl_ref[b, src, h],
-                *carry,
-            )
-
-        init = (jnp.zeros((tkv, d), jnp.float32), jnp.zeros((tkv, dv), jnp.float32))
-        dk, dv_ = jax.lax.fori_loop(0, c_ref[b, r], body, init)
-        dk_ref[...] = dk
-        dv_ref[...] = dv_
-
-    dk, dv = pl.pallas_call(
-        dkv_kernel,
-        grid=(n, p, m),  # (image, key region, head)
-        in_specs=[
-            _whole(inv_q),
-            _whole(inv_k),
-            _whole(count),
-            _whole(w),
-            pl.BlockSpec((None, None, None, tkv, d), own),
-            pl.BlockSpec((None, None, None, tkv, dv), own),
-            _whole(qh),
-            _whole(lse),
-            _whole(dout),
-            _whole(delta),
-        ],
-        out_specs=[pl.BlockSpec((None, None, None, tkv, d), own), pl.BlockSpec((None, None, None, tkv, dv), own)],
-        out_shape=[jax.ShapeDtypeStruct(kh.shape, jnp.float32), jax.ShapeDtypeStruct(vh.shape, jnp.float32)],
-        interpret=interpret,
     )(inv_q, inv_k, count, w, kh, vh, qh, lse, dout, delta)
     return dq, dk, dv, dw[:, :, :, 0, :]

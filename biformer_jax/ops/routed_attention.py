@@ -14,15 +14,19 @@ in memory and how they map onto hardware:
   when regions are few and topk is a large share of them (BiFormer stage 3 at 224: 16 of 49).
 - 'chunked': online softmax over chunks of routed regions with a custom VJP that recomputes;
   never holds the topk-fold K/V (memory: high resolution, dense prediction).
-- 'pallas': a kernel that reads K/V blocks by routing index (GPU/TPU); 'pallas_interpret'
-  runs the same kernel in Pallas interpret mode (CPU tests).
-- 'auto': 'masked' or 'gather' per call, from the shapes (see `resolve_impl`).
+- 'pallas': kernels that read K/V blocks by routing index, chosen per lowering platform
+  (Mosaic GPU on 'cuda', Mosaic TPU on 'tpu', the XLA gather path elsewhere; see
+  `pallas_dispatch`); 'pallas_interpret' runs the TPU kernels in interpret mode (CPU tests).
+- 'auto': per call and per lowering platform, from the shapes (see `resolve_impl`): the
+  Pallas kernel on GPU/TPU where `AUTO_KERNEL_RULES` says it is the faster choice,
+  otherwise 'masked' or 'gather'.
 
 The routing indices get no gradient; q and kv do, and r_weight with soft routing.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -38,6 +42,18 @@ IMPLS = ("gather", "masked", "chunked", "pallas", "pallas_interpret", "auto")
 # attention's logits (P / topk) and its logits stay small (elements per image and head).
 AUTO_MASKED_MAX_DENSITY_RATIO = 4
 AUTO_MASKED_MAX_LOGITS = 1 << 20
+
+# 'auto' on an accelerator runs the Pallas kernel for a call whose regions are large
+# enough for its blocks: at least `min_tokens` query and key tokens per region, and at
+# most `max_pad_waste` times the work once both are rounded up to the kernel's `tile`
+# (the GPU kernel computes on 64 x 64 tiles; TPU tiles rows by 8). Smaller regions stay
+# with 'masked' / 'gather', which batch many regions per matmul. These numbers are NOT
+# measured (no accelerator has run the kernels yet): `benchmarks/accelerator.py` times
+# every impl on each stage's shapes and prints the winner per shape; set them from that.
+AUTO_KERNEL_RULES = {
+    "cuda": {"tile": 64, "min_tokens": 64, "max_pad_waste": 1.5},
+    "tpu": {"tile": 8, "min_tokens": 64, "max_pad_waste": 1.5},
+}
 
 
 def gather_regions(kv: jax.Array, r_idx: jax.Array) -> jax.Array:
@@ -68,14 +84,27 @@ def check_inputs(q, kv, r_idx, r_weight, num_heads: int) -> None:
         raise ValueError(f"r_weight {r_weight.shape} must have r_idx's shape {r_idx.shape} (or be None).")
 
 
-def resolve_impl(impl: str, q_shape, kv_shape, topk: int) -> str:
-    """The implementation 'auto' runs for these shapes (others are returned unchanged)."""
+def kernel_preferred(platform: str, tq: int, tkv: int) -> bool:
+    """Whether 'auto' runs the Pallas kernel on `platform` for regions of tq / tkv tokens."""
+    rule = AUTO_KERNEL_RULES.get(platform)
+    if rule is None or min(tq, tkv) < rule["min_tokens"]:
+        return False
+    tile = rule["tile"]
+    waste = (-(-tq // tile) * tile / tq) * (-(-tkv // tile) * tile / tkv)
+    return waste <= rule["max_pad_waste"]
+
+
+def resolve_impl(impl: str, q_shape, kv_shape, topk: int, platform: str = "cpu") -> str:
+    """The implementation 'auto' runs for these shapes when lowered for `platform` ('cpu',
+    'cuda', 'tpu', ...); other impls are returned unchanged."""
     if impl not in IMPLS:
         raise ValueError(f"routed attention impl={impl!r} is not one of {IMPLS}.")
     if impl != "auto":
         return impl
     _, p, tq, _ = q_shape
     tkv = kv_shape[2]
+    if kernel_preferred(platform, tq, tkv):
+        return "pallas"
     dense_logits = (p * tq) * (p * tkv)
     if p <= AUTO_MASKED_MAX_DENSITY_RATIO * topk and dense_logits <= AUTO_MASKED_MAX_LOGITS:
         return "masked"
@@ -106,19 +135,33 @@ def routed_attention(
       (N, P, Tq, Cv) in q's dtype.
     """
     check_inputs(q, kv, r_idx, r_weight, num_heads)
-    impl = resolve_impl(impl, q.shape, kv.shape, r_idx.shape[-1])
     r_idx = jax.lax.stop_gradient(r_idx)
+    shapes = (q.shape, kv.shape, r_idx.shape[-1])
+    choice = {p: resolve_impl(impl, *shapes, platform=p) for p in ("cpu", "cuda", "tpu")}
+    if len(set(choice.values())) == 1:
+        return _run(choice["cpu"], q, kv, r_idx, r_weight, num_heads, scale)
+    run = functools.partial(_run, q=q, kv=kv, r_idx=r_idx, r_weight=r_weight, num_heads=num_heads, scale=scale)
+    # The choice follows the platform being lowered for. (Under a multi-platform export
+    # every branch is lowered for every platform: 'pallas' picks its kernel per platform
+    # itself, see `pallas_dispatch`.)
+    return jax.lax.platform_dependent(
+        cuda=lambda: run(choice["cuda"]),
+        tpu=lambda: run(choice["tpu"]),
+        default=lambda: run(choice["cpu"]),
+    )
+
+
+def _run(impl, q, kv, r_idx, r_weight, num_heads, scale):
     if impl == "gather":
         return _gather_attention(q, kv, r_idx, r_weight, num_heads, scale)
     if impl == "masked":
         return _masked_attention(q, kv, r_idx, r_weight, num_heads, scale)
     if impl == "chunked":
         return chunked_routed_attention(q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale)
-    from biformer_jax.ops.pallas_routed_attention import pallas_routed_attention  # loads Pallas only when used
+    from biformer_jax.ops.pallas_dispatch import pallas_routed_attention  # loads Pallas only when used
 
-    return pallas_routed_attention(
-        q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale, interpret=impl == "pallas_interpret"
-    )
+    interpret = impl == "pallas_interpret"
+    return pallas_routed_attention(q, kv, r_idx, r_weight, num_heads=num_heads, scale=scale, interpret=interpret)
 
 
 def _gather_attention(q, kv, r_idx, r_weight, num_heads, scale):

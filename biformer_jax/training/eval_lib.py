@@ -16,6 +16,7 @@ from etils import epath
 
 from biformer_jax import data
 from biformer_jax.models.from_config import abstract_variables, model_from_config, model_meta
+from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 from biformer_jax.training import checkpoint, restore, sharding, steps
 
 EVAL_RESULTS_FILE = "eval_results.json"
@@ -23,7 +24,7 @@ EVAL_RESULTS_FILE = "eval_results.json"
 
 def make_eval_step(model, mesh, variable_shardings) -> Callable:
     return jax.jit(
-        functools.partial(steps.eval_step, model=model),
+        kernels_see_mesh(functools.partial(steps.eval_step, model=model), mesh),
         in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

@@ -29,6 +29,7 @@ from clu import parameter_overview, periodic_actions
 from biformer_jax import data
 from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
+from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 from biformer_jax.segmentation import task as seg_task
 from biformer_jax.training import checkpoint, eval_lib, optim, preemption, restore, sharding, steps
 from biformer_jax.training import metrics as metrics_lib
@@ -224,7 +225,8 @@ def make_train_step(config, run: Setup):
     else:
         step_fn = bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes)
     return jax.jit(
-        step_fn,
+        # Pallas kernels shard_map over the batch: they need the mesh at trace time
+        kernels_see_mesh(step_fn, run.mesh),
         in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
         out_shardings=(run.shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
