@@ -76,7 +76,7 @@ def initial_state(
     abstract_sharded = sharding.with_shardings(abstract, shardings)
     state = restore.restore_latest(manager, abstract_sharded)
     if state is not None:
-        logging.info("Resumed from this workdir's checkpoint at step %d.", int(jax.device_get(state.step)))
+        logging.info("Resuming from this workdir's checkpoint at step %d.", int(jax.device_get(state.step)))
         return state
     if config.resume:
         ref = restore.resume_ref(config, meta)
@@ -162,7 +162,8 @@ def setup(config, devices: list | None = None) -> Setup:
         # and the resume path this workdir started from.
         meta={
             **from_config.model_meta(config, info.num_classes),
-            "data": data_record(config.data),
+            # predict.py / export read classification checkpoints only.
+            **({} if seg_task.is_segmentation(config) else {"data": data_record(config.data)}),
             "resume": config.resume,
         },
         tx=tx,
