@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from biformer_jax.training import optim as training_optim
+
 SCHEDULES = ("cosine", "poly")
 
 
@@ -70,16 +72,4 @@ def decay_mask(no_decay_keys: Sequence[str]):
 
 def create_optimizer(optim_cfg, schedule: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
     """AdamW (mmcv's settings) with the configured decay rule, optionally after global-norm clipping."""
-    if optim_cfg.name != "adamw":
-        raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' (the official optimiser) is implemented.")
-    tx = optax.adamw(
-        learning_rate=schedule,
-        b1=optim_cfg.b1,
-        b2=optim_cfg.b2,
-        eps=optim_cfg.eps,
-        weight_decay=optim_cfg.weight_decay,
-        mask=decay_mask(optim_cfg.no_decay_keys),
-    )
-    if optim_cfg.clip_grad_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), tx)
-    return tx
+    return training_optim.create_optimizer(optim_cfg, schedule, mask=decay_mask(optim_cfg.no_decay_keys))

@@ -20,7 +20,7 @@ import optax
 from biformer_jax.ops.resize import resize_bilinear
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training import steps
-from biformer_jax.training.train_state import TrainState, ema_update
+from biformer_jax.training.train_state import TrainState
 
 
 def seg_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int, avg_non_ignore: bool) -> jax.Array:
@@ -103,23 +103,4 @@ def seg_train_step(
         (batch_stats, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), split(images), split(labels)))
         grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
         loss = loss_sum / k
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    if state.has_ema:
-        new = new.replace(
-            ema_params=ema_update(state.ema_params, params, ema_decay),
-            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
-        )
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss,
-        grad_norm=grad_norm,
-        param_norm=optax.tree.norm(params),
-        update_norm=optax.tree.norm(updates),
-        learning_rate=schedule(state.step),
-        nonfinite=(~finite).astype(jnp.float32),
-    )
-    return new, metrics
+    return steps.apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule, ema_decay=ema_decay)

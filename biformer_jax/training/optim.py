@@ -23,6 +23,7 @@ and never train the 10 cooldown epochs that train_args.yaml lists: `cooldown_epo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +75,13 @@ def weight_decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(optim_cfg, schedule: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
-    """AdamW with the official hyperparameters, optionally after global-norm clipping."""
+def create_optimizer(
+    optim_cfg, schedule: Callable[[jax.Array], jax.Array], *, mask: Callable[[Any], Any] = weight_decay_mask
+) -> optax.GradientTransformation:
+    """AdamW with the official hyperparameters, optionally after global-norm clipping.
+
+    `mask`: params -> a tree of bools, True where weight decay applies (default: the official rule).
+    """
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' (the official optimiser) is implemented.")
     tx = optax.adamw(
@@ -84,7 +90,7 @@ def create_optimizer(optim_cfg, schedule: Callable[[jax.Array], jax.Array]) -> o
         b2=optim_cfg.b2,
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
-        mask=weight_decay_mask,
+        mask=mask,
     )
     if optim_cfg.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), tx)

@@ -71,6 +71,42 @@ def _accumulated_loss_and_grads(state: TrainState, images, targets, rngs, *, mod
     return loss_sum / k, batch_stats, grads
 
 
+def apply_gradients(
+    state: TrainState,
+    grads,
+    loss: jax.Array,
+    batch_stats,
+    *,
+    tx: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    ema_decay: float,
+) -> tuple[TrainState, metrics_lib.TrainMetrics]:
+    """The update every task's train step ends with: AdamW (tx), the EMA, and the finite guard.
+
+    A non-finite loss or gradient norm leaves the state untouched and is counted in the metrics.
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if state.has_ema:
+        new = new.replace(
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
+        )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        loss=loss,
+        grad_norm=grad_norm,
+        param_norm=optax.tree.norm(params),
+        update_norm=optax.tree.norm(updates),
+        learning_rate=schedule(state.step),
+        nonfinite=(~finite).astype(jnp.float32),
+    )
+    return new, metrics
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -102,26 +138,7 @@ def train_step(
         loss, batch_stats, grads = _accumulated_loss_and_grads(
             state, images, targets, model_rngs, model=model, k=grad_accum_steps
         )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    if state.has_ema:
-        new = new.replace(
-            ema_params=ema_update(state.ema_params, params, ema_decay),
-            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
-        )
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = metrics_lib.TrainMetrics.single_from_model_output(
-        loss=loss,
-        grad_norm=grad_norm,
-        param_norm=optax.tree.norm(params),
-        update_norm=optax.tree.norm(updates),
-        learning_rate=schedule(state.step),
-        nonfinite=(~finite).astype(jnp.float32),
-    )
-    return new, metrics
+    return apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule, ema_decay=ema_decay)
 
 
 def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model) -> metrics_lib.EvalMetrics:
