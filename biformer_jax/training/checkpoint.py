@@ -330,6 +330,22 @@ def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) ->
     )
 
 
+def close_manager(manager: ocp.CheckpointManager) -> None:
+    """Waits for every write and background task of `manager`, then closes it.
+
+    CheckpointManager.close() waits for saves but not for the temporary-directory cleanup it
+    starts in its constructor (only save() awaits that): a run that fails before its first save
+    (a bad init_from, say) would leave that thread running into interpreter shutdown, which prints
+    a traceback ("cannot schedule new futures after interpreter shutdown") under the one-line error.
+    """
+    cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)  # Orbax 0.12: no public handle
+    if cleanup is not None:
+        cleanup.result()
+        manager._cleanup_tmp_directory_future = None
+    manager.wait_until_finished()
+    manager.close()
+
+
 ARRAY_ITEMS = ("variables", "ema_variables", "train")
 
 

@@ -249,8 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             return _train_loop(config, workdir, run, manager, best_metric, watcher)
     finally:
         # Also on an exception: a save already under way completes (it holds a good state).
-        manager.wait_until_finished()
-        manager.close()
+        checkpoint.close_manager(manager)
 
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
