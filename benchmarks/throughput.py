@@ -31,12 +31,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's biformer_jax first
 
+from timing import DTYPES, CompiledBench, time_steps  # noqa: E402  (benchmarks/timing.py)
+
 from biformer_jax import models  # noqa: E402
 from biformer_jax.ops.routed_attention import IMPLS  # noqa: E402
 from biformer_jax.training import train_lib  # noqa: E402
 from configs import common  # noqa: E402
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def build_train(model, images: jax.Array, labels: jax.Array, config):
     return state, step, {"image": images, "label": labels}
 
 
-class OursBench:
+class OursBench(CompiledBench):
     """Our step, compiled ahead of time; `step()` runs one and blocks until it is done."""
 
     def __init__(self, args):
@@ -133,35 +133,6 @@ class OursBench:
 
         self.compile_s = time.perf_counter() - t0
         self._run = run
-
-    def step(self) -> None:
-        jax.block_until_ready(self._run())
-
-    def memory(self) -> dict:
-        try:
-            m = self.compiled.memory_analysis()
-        except Exception:  # some backends do not implement it
-            m = None
-        if m is None:
-            return {"peak_bytes": None, "temp_bytes": None}
-        peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-        return {
-            "peak_bytes": int(peak),
-            "temp_bytes": int(m.temp_size_in_bytes),
-            "argument_bytes": int(m.argument_size_in_bytes),
-            "output_bytes": int(m.output_size_in_bytes),
-            "alias_bytes": int(m.alias_size_in_bytes),
-        }
-
-
-def time_steps(bench, n: int) -> float:
-    """Median seconds per step over n steps."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        bench.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:

@@ -159,16 +159,18 @@ def run_stages(
 
 
 def classifier(model: nn.Module, x: jax.Array, train: bool, head_fan_in: Any = None) -> jax.Array:
-    """Final BatchNorm, global average pooling, dropout and the Linear head -> float32 logits.
+    """Final BatchNorm, global average pooling, dropout and the Linear head -> float32 logits
+    (float64 for a float64 model).
 
     `head_fan_in`: PyTorch's default Linear init for the head (see `layers.dense`)."""
     dt, pdt = model.dtype, model.param_dtype
     x = BatchNorm(dtype=dt, param_dtype=pdt, name="norm")(x, train)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)  # (N, C)
+    out_dtype = jnp.promote_types(dt, jnp.float32)
+    x = jnp.mean(x.astype(out_dtype), axis=(1, 2)).astype(dt)  # (N, C)
     if model.num_classes > 0:
         x = nn.Dropout(model.drop_rate, deterministic=not train)(x)
         x = dense(model.num_classes, "head", dt, pdt, torch_init_fan_in=head_fan_in)(x)
-    return x.astype(jnp.float32)
+    return x.astype(out_dtype)
 
 
 def forward(

@@ -43,6 +43,10 @@ IMPLS = ("gather", "masked", "chunked", "pallas", "pallas_interpret", "auto")
 AUTO_MASKED_MAX_DENSITY_RATIO = 4
 AUTO_MASKED_MAX_LOGITS = 1 << 20
 
+# 'gather' attends the queries in slices (a loop) when one call's logits exceed this many
+# elements (64 MiB in float32); see `query_steps`.
+GATHER_MAX_LOGITS = 1 << 24
+
 # 'auto' on an accelerator runs the Pallas kernel for a call whose regions are large
 # enough for its blocks: at least `min_tokens` query and key tokens per region, and at
 # most `max_pad_waste` times the work once both are rounded up to the kernel's `tile`
@@ -175,10 +179,34 @@ def _gather_attention(q, kv, r_idx, r_weight, num_heads, scale):
         k_sel, v_sel = k_sel * w, v_sel * w
     k_sel = k_sel.reshape(*k_sel.shape[:3], k * tkv, -1)  # (N, P, m, K*Tkv, c)
     v_sel = v_sel.reshape(*v_sel.shape[:3], k * tkv, -1)  # (N, P, m, K*Tkv, cv)
-    logits = jnp.einsum("npmqc,npmkc->npmqk", qh, k_sel, preferred_element_type=jnp.float32)
-    attn = jax.nn.softmax(logits, axis=-1).astype(v_sel.dtype)  # (N, P, m, Tq, K*Tkv)
-    out = jnp.einsum("npmqk,npmkc->npmqc", attn, v_sel)  # (N, P, m, Tq, cv)
+
+    def attend(qc):  # (N, P, m, tq, c) -> (N, P, m, tq, cv)
+        logits = jnp.einsum("npmqc,npmkc->npmqk", qc, k_sel, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits, axis=-1).astype(v_sel.dtype)  # (N, P, m, tq, K*Tkv)
+        return jnp.einsum("npmqk,npmkc->npmqc", attn, v_sel)
+
+    n, p, m, tq, c = qh.shape
+    steps = query_steps(n * p * m * tq * k * tkv, tq)
+    if steps == 1:
+        out = attend(qh)  # (N, P, m, Tq, cv)
+    else:  # the softmax is per query row: attend `steps` slices of the queries in turn
+        qs = jnp.moveaxis(qh.reshape(n, p, m, steps, tq // steps, c), 3, 0)  # (S, N, P, m, Tq/S, c)
+        out = jnp.moveaxis(lax.map(attend, qs), 0, 3)  # (N, P, m, S, Tq/S, cv)
+        out = out.reshape(n, p, m, tq, -1)  # (N, P, m, Tq, cv)
     return merge_heads(out).astype(q.dtype)  # (N, P, Tq, Cv)
+
+
+def query_steps(logits: int, tq: int) -> int:
+    """How many slices of its `tq` queries per region 'gather' attends in turn, for a call with
+    `logits` elements: the fewest (a divisor of tq) that keep a slice within GATHER_MAX_LOGITS.
+
+    The logits and probabilities of one call are live at once: at the ADE20K test scale
+    (512 x 2048, BiFormer-S stage 1: 64 regions of 1024 tokens, 2 heads) that is 2 x 512 MB.
+    Slicing the queries (a loop) keeps each slice's at most GATHER_MAX_LOGITS elements;
+    training crops and classification sizes stay under it and run in one step.
+    """
+    need = -(-logits // GATHER_MAX_LOGITS)
+    return next(d for d in range(min(need, tq), tq + 1) if tq % d == 0)
 
 
 def _masked_attention(q, kv, r_idx, r_weight, num_heads, scale):
