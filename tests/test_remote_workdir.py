@@ -1,6 +1,6 @@
-"""A gs:// workdir end to end, offline: train.py, a resumed train.py, then eval.py, all on GCS.
+"""A gs:// workdir end to end, offline: train.py, a resumed train.py, eval.py and the curves plot.
 
-The three programs run as subprocesses against tests/support/fake_gcs.py, an in-memory GCS that
+The programs run as subprocesses against tests/support/fake_gcs.py, an in-memory GCS that
 every gs:// client in the stack reaches as it would reach Google's: Orbax's arrays through
 TensorStore's gcs driver, etils.epath and the TensorBoard writer through TensorFlow's GCS
 filesystem, Orbax's bucket lookup through google-cloud-storage. Each runs from its own empty
@@ -25,6 +25,7 @@ BUCKET = "biformer-test-bucket"
 WORKDIR = f"gs://{BUCKET}/runs/quickstart"
 PREFIX = "runs/quickstart/"
 TIMEOUT_S = 600
+TRAIN, EVAL = str(ROOT / "train.py"), str(ROOT / "eval.py")
 
 
 @pytest.fixture
@@ -33,12 +34,12 @@ def gcs(tmp_path):
         yield server
 
 
-def _run(script: str, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> str:
-    """Runs `script` from `cwd`; returns its output, failing with the tail of it on a non-zero exit."""
+def _run(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> str:
+    """Runs python `args` from `cwd`; returns the output, failing with its tail on a non-zero exit."""
     cwd.mkdir()
     with open(log, "wb") as f:
         code = subprocess.run(
-            [sys.executable, str(ROOT / script), *args],
+            [sys.executable, *args],
             env=env,
             cwd=cwd,
             stdout=f,
@@ -47,8 +48,8 @@ def _run(script: str, args: list[str], env: dict[str, str], cwd: Path, log: Path
             check=False,
         ).returncode
     output = log.read_text(errors="replace")
-    assert code == 0, f"{script} exited {code}:\n{subprocess_testlib.tail(log)}"
-    assert sorted(p.name for p in cwd.iterdir()) == [], f"{script} wrote into its working directory"
+    assert code == 0, f"{args[0]} exited {code}:\n{subprocess_testlib.tail(log)}"
+    assert sorted(p.name for p in cwd.iterdir()) == [], f"{args[0]} wrote into its working directory"
     return output
 
 
@@ -62,11 +63,11 @@ def test_train_resume_and_eval_on_a_gs_workdir(gcs, tmp_path):
     (tmp_path / "gcloud").mkdir()
     flags = subprocess_testlib.train_flags(WORKDIR, eval_every_steps=2, **{"checkpoint.keep": 2})
 
-    out = _run("train.py", [*flags, "--config.num_train_steps=2"], env, tmp_path / "cwd1", tmp_path / "train1.log")
+    out = _run([TRAIN, *flags, "--config.num_train_steps=2"], env, tmp_path / "cwd1", tmp_path / "train1.log")
     assert "Resuming" not in out
     assert _steps(gcs) == [2]
 
-    out = _run("train.py", [*flags, "--config.num_train_steps=4"], env, tmp_path / "cwd2", tmp_path / "train2.log")
+    out = _run([TRAIN, *flags, "--config.num_train_steps=4"], env, tmp_path / "cwd2", tmp_path / "train2.log")
     assert "Resuming from this workdir's checkpoint at step 2." in out
     assert _steps(gcs) == [2, 4]
 
@@ -79,18 +80,17 @@ def test_train_resume_and_eval_on_a_gs_workdir(gcs, tmp_path):
         assert f"{PREFIX}checkpoints/{step}/_CHECKPOINT_METADATA" in names
         assert any(n.startswith(f"{PREFIX}checkpoints/{step}/train/") for n in names), names
 
-    out = _run(
-        "eval.py",
-        [f"--config={ROOT / 'configs' / 'quickstart.py'}:runlocal", f"--checkpoint={WORKDIR}"],
-        env,
-        tmp_path / "cwd3",
-        tmp_path / "eval.log",
-    )
+    config = f"--config={ROOT / 'configs' / 'quickstart.py'}:runlocal"
+    out = _run([EVAL, config, f"--checkpoint={WORKDIR}"], env, tmp_path / "cwd3", tmp_path / "eval.log")
     printed = json.loads(out.strip().splitlines()[-1])
     written = json.loads(gcs.read(BUCKET, f"{PREFIX}checkpoints/4/eval_results.json"))
     assert written == printed
     assert "could not write" not in out
     assert printed["checkpoint"] == f"{WORKDIR}/checkpoints/4"
 
+    _run(["-m", "biformer_jax.plot", WORKDIR], env, tmp_path / "cwd4", tmp_path / "plot.log")
+    assert gcs.read(BUCKET, PREFIX + "curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert not [n for n in gcs.names(BUCKET) if "tmp" in n]  # every temporary renamed or removed
     assert gcs.unhandled == []
     assert not list(tmp_path.rglob("gs:*")) and not (ROOT / "gs:").exists()
