@@ -11,19 +11,19 @@ for gs:// paths:
   (`CURL_CA_BUNDLE`);
 * the GCE metadata server (`GCE_METADATA_ROOT`), which hands TensorStore a dummy token.
 
+* google-cloud-storage (Orbax's bucket lookup) through `STORAGE_EMULATOR_HOST`, anonymously.
+
 It implements the part of the JSON API (and the XML API's object GET) that these clients call:
 bucket and object metadata, media reads with ranges, listings with prefix/delimiter/offsets,
-media, multipart and resumable uploads with generation preconditions, rewrite/copy, compose and
-delete. Requests it does not implement answer 501 and are kept in `unhandled`, so a test can
-show them. `env()` gives a subprocess the variables that point it here.
+media and resumable uploads with generation preconditions, rewrite and delete. Any other request
+answers 501 and is kept in `unhandled`, which a test asserts empty. `env()` gives a subprocess
+the variables that point it here; FAKE_GCS_TRACE=1 prints every request.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import email.parser
-import email.policy
 import hashlib
 import itertools
 import json
@@ -197,9 +197,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self._dispatch()
 
-    def do_HEAD(self):  # noqa: N802
-        self._dispatch()
-
     def do_POST(self):  # noqa: N802
         self._dispatch()
 
@@ -209,23 +206,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):  # noqa: N802
         self._dispatch()
 
-    def do_PATCH(self):  # noqa: N802
-        self._dispatch()
-
     def _dispatch(self) -> None:
         parts, query = _split(self.path)
-        body = self._body() if self.command in ("POST", "PUT", "PATCH") else b""
+        body = self._body() if self.command in ("POST", "PUT") else b""
         if os.environ.get("FAKE_GCS_TRACE"):
             print("FAKE_GCS", self.command, self._base_url() + self.path, dict(self.headers), len(body), flush=True)
         if self.tunnel_host == "storage.googleapis.com":  # the XML API: GET /BUCKET/OBJECT
-            if self.command in ("GET", "HEAD") and len(parts) >= 2:
+            if self.command == "GET" and len(parts) >= 2:
                 return self._read_media(parts[0], "/".join(parts[1:]), query)
         elif not self.tunnel_host and (parts[:1] == ["computeMetadata"] or parts == [""]):
             return self._metadata_server(parts)
         elif parts[:2] == ["storage", "v1"] and len(parts) >= 4 and parts[2] == "b":
-            return self._json_api(parts[3], parts[4:], query, body)
-        elif parts[:3] == ["upload", "storage", "v1"] and len(parts) >= 6 and parts[3] == "b":
-            return self._upload(parts[4], query, body)
+            if self._json_api(parts[3], parts[4:], query):
+                return None
+        elif parts[:3] == ["upload", "storage", "v1"] and parts[3:4] == ["b"] and parts[5:] == ["o"]:
+            if query.get("uploadType") == "media" and self.command == "POST":
+                return self._finish_upload(parts[4], query["name"], body, self.headers.get("Content-Type"), query)
+            if query.get("uploadType") == "resumable" and self.command in ("POST", "PUT"):
+                return self._resumable(parts[4], query, body)
         with self.gcs.lock:
             self.gcs.unhandled.append(f"{self.command} {self._base_url()}{self.path}")
         self._error(501, f"fake GCS: {self.command} {self.path} is not implemented")
@@ -240,45 +238,28 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"email": "fake@example.com", "scopes": ["cloud-platform"]}, flavor)
         return self._send(200, b"", flavor)
 
-    def _json_api(self, bucket: str, rest: list[str], query: dict, body: bytes) -> None:
+    def _json_api(self, bucket: str, rest: list[str], query: dict) -> bool:
+        """Answers a JSON API call on `bucket`; False when it is not one this fake implements."""
+        if not rest and self.command == "GET":  # bucket metadata
+            self._send(200, {"kind": "storage#bucket", "name": bucket, "location": "US"})
+        elif rest == ["o"] and self.command == "GET":
+            self._list(bucket, query)
+        elif rest[:1] != ["o"] or len(rest) < 2:
+            return False
+        elif "rewriteTo" in rest and self.command == "POST":  # o/SRC/rewriteTo/b/DST_BUCKET/o/DST
+            i = rest.index("rewriteTo")
+            self._rewrite(bucket, "/".join(rest[1:i]), rest[i + 2], "/".join(rest[i + 4 :]), query)
+        elif self.command == "GET" and query.get("alt") == "media":
+            self._read_media(bucket, "/".join(rest[1:]), query)
+        elif self.command in ("GET", "DELETE"):
+            self._object(bucket, "/".join(rest[1:]), query)
+        else:
+            return False
+        return True
+
+    def _object(self, bucket: str, name: str, query: dict) -> None:
+        """GET (the metadata) or DELETE of one object."""
         gcs = self.gcs
-        if not rest:  # bucket metadata
-            return self._send(200, {"kind": "storage#bucket", "name": bucket, "location": "US"})
-        if rest == ["o"] and self.command == "GET":
-            return self._list(bucket, query)
-        if len(rest) < 2 or rest[0] != "o":
-            return self._error(501, "fake GCS: unknown bucket call")
-        name = "/".join(rest[1:])
-        if rest[-2:-1] == ["compose"] or rest[-1] == "compose":
-            return self._compose(bucket, "/".join(rest[1:-1]), query, body)
-        for verb in ("rewriteTo", "copyTo"):
-            if verb in rest[2:]:
-                i = rest.index(verb)
-                src = "/".join(rest[1:i])
-                dst_bucket, dst = rest[i + 2], "/".join(rest[i + 4 :])
-                with gcs.lock:
-                    obj = gcs.objects.get((bucket, src))
-                    if obj is None:
-                        return self._error(404, f"No such object: {bucket}/{src}")
-                    if gcs._precondition_failed(query, gcs.objects.get((dst_bucket, dst))):
-                        return self._error(412, "Precondition Failed")
-                    new = gcs._put(dst_bucket, dst, obj.data, obj.content_type)
-                    resource = gcs._resource(dst_bucket, dst, new)
-                if verb == "copyTo":
-                    return self._send(200, resource)
-                size = resource["size"]
-                return self._send(
-                    200,
-                    {
-                        "kind": "storage#rewriteResponse",
-                        "done": True,
-                        "objectSize": size,
-                        "totalBytesRewritten": size,
-                        "resource": resource,
-                    },
-                )
-        if query.get("alt") == "media":
-            return self._read_media(bucket, name, query)
         with gcs.lock:
             obj = gcs.objects.get((bucket, name))
             if obj is None:
@@ -290,6 +271,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(204)
             resource = gcs._resource(bucket, name, obj)
         return self._send(200, resource)
+
+    def _rewrite(self, bucket: str, src: str, dst_bucket: str, dst: str, query: dict) -> None:
+        gcs = self.gcs
+        with gcs.lock:
+            obj = gcs.objects.get((bucket, src))
+            if obj is None:
+                return self._error(404, f"No such object: {bucket}/{src}")
+            if gcs._precondition_failed(query, gcs.objects.get((dst_bucket, dst))):
+                return self._error(412, "Precondition Failed")
+            resource = gcs._resource(dst_bucket, dst, gcs._put(dst_bucket, dst, obj.data, obj.content_type))
+        size = resource["size"]
+        rewrite = {"kind": "storage#rewriteResponse", "done": True, "objectSize": size, "totalBytesRewritten": size}
+        return self._send(200, {**rewrite, "resource": resource})
 
     def _read_media(self, bucket: str, name: str, query: dict) -> None:
         gcs = self.gcs
@@ -304,14 +298,14 @@ class _Handler(BaseHTTPRequestHandler):
             data, generation = obj.data, obj.generation
         headers = {"x-goog-generation": str(generation), "Content-Type": "application/octet-stream"}
         spec = self.headers.get("Range")
-        if not spec or not spec.startswith("bytes="):
+        if not spec or not spec.startswith("bytes=") or not data:
             return self._send(200, data, headers)
         first, _, last = spec.removeprefix("bytes=").partition("-")
         if first == "":  # a suffix: the last N bytes
             start, end = max(len(data) - int(last), 0), len(data) - 1
         else:
             start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
-        if start >= len(data) and len(data) > 0 or start > end and len(data) > 0:
+        if start > end:  # past the end
             return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
         chunk = data[start : end + 1]
         headers["Content-Range"] = f"bytes {start}-{start + len(chunk) - 1}/{len(data)}"
@@ -345,38 +339,6 @@ class _Handler(BaseHTTPRequestHandler):
             out["nextPageToken"] = page[-1][0]
         return self._send(200, out)
 
-    def _compose(self, bucket: str, name: str, query: dict, body: bytes) -> None:
-        request = json.loads(body or b"{}")
-        with self.gcs.lock:
-            try:
-                data = b"".join(self.gcs.objects[bucket, s["name"]].data for s in request.get("sourceObjects", []))
-            except KeyError as e:
-                return self._error(404, f"No such object: {e}")
-            if self.gcs._precondition_failed(query, self.gcs.objects.get((bucket, name))):
-                return self._error(412, "Precondition Failed")
-            obj = self.gcs._put(bucket, name, data, None)
-            resource = self.gcs._resource(bucket, name, obj)
-        return self._send(200, resource)
-
-    def _upload(self, bucket: str, query: dict, body: bytes) -> None:
-        kind = query.get("uploadType", "media")
-        if kind == "resumable":
-            return self._resumable(bucket, query, body)
-        content_type = self.headers.get("Content-Type")
-        if kind == "multipart":
-            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body
-            )
-            meta_part, data_part = list(message.iter_parts())
-            metadata = json.loads(meta_part.get_payload(decode=True) or b"{}")
-            data, content_type = data_part.get_payload(decode=True) or b"", data_part.get_content_type()
-            name = query.get("name") or metadata["name"]
-        elif kind == "media":
-            name, data = query["name"], body
-        else:
-            return self._error(501, f"fake GCS: uploadType={kind}")
-        self._finish_upload(bucket, name, data, content_type, query)
-
     def _finish_upload(self, bucket: str, name: str, data: bytes, content_type: str | None, query: dict) -> None:
         with self.gcs.lock:
             if self.gcs._precondition_failed(query, self.gcs.objects.get((bucket, name))):
@@ -403,10 +365,6 @@ class _Handler(BaseHTTPRequestHandler):
             upload = gcs.uploads.get(query["upload_id"])
         if upload is None:
             return self._error(404, "No such upload")
-        if self.command == "DELETE":
-            with gcs.lock:
-                gcs.uploads.pop(query["upload_id"], None)
-            return self._send(499)
         spec = (self.headers.get("Content-Range") or "").removeprefix("bytes ")
         span, _, total = spec.partition("/")
         if span and span != "*":
