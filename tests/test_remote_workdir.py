@@ -1,4 +1,4 @@
-"""A gs:// workdir end to end, offline: train.py, a resumed train.py, eval.py and the curves plot.
+"""A gs:// workdir end to end, offline: train.py, a resumed train.py, eval.py, predict.py, the plot.
 
 The programs run as subprocesses against tests/support/fake_gcs.py, an in-memory GCS that
 every gs:// client in the stack reaches as it would reach Google's: Orbax's arrays through
@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from support import subprocess_testlib
 from support.fake_gcs import FakeGcs
 
@@ -25,7 +27,7 @@ BUCKET = "biformer-test-bucket"
 WORKDIR = f"gs://{BUCKET}/runs/quickstart"
 PREFIX = "runs/quickstart/"
 TIMEOUT_S = 600
-TRAIN, EVAL = str(ROOT / "train.py"), str(ROOT / "eval.py")
+TRAIN, EVAL, PREDICT = (str(ROOT / f"{name}.py") for name in ("train", "eval", "predict"))
 
 
 @pytest.fixture
@@ -88,7 +90,12 @@ def test_train_resume_and_eval_on_a_gs_workdir(gcs, tmp_path):
     assert "could not write" not in out
     assert printed["checkpoint"] == f"{WORKDIR}/checkpoints/4"
 
-    _run(["-m", "biformer_jax.plot", WORKDIR], env, tmp_path / "cwd4", tmp_path / "plot.log")
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    out = _run([PREDICT, f"--checkpoint={WORKDIR}", str(image)], env, tmp_path / "cwd4", tmp_path / "predict.log")
+    assert len(json.loads(out.strip().splitlines()[-1])["classes"]) == 5  # the top 5 of the 10 digits
+
+    _run(["-m", "biformer_jax.plot", WORKDIR], env, tmp_path / "cwd5", tmp_path / "plot.log")
     assert gcs.read(BUCKET, PREFIX + "curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert not [n for n in gcs.names(BUCKET) if "tmp" in n]  # every temporary renamed or removed
