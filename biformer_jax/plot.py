@@ -2,20 +2,23 @@
 
 Reads each run's `metrics.jsonl` (written by the trainer, one JSON object per logged step) and
 draws train loss, learning rate and eval top-1 / mIoU against the step, every run overlaid.
-A WORKDIR is a train.py workdir (holding metrics.jsonl) or a sweep's workdir (sweep.py
---workdir: one run per subdirectory, each named after its overrides, e.g.
+A WORKDIR (local, gs:// or s3://) is a train.py workdir (holding metrics.jsonl) or a sweep's
+workdir (sweep.py --workdir: one run per subdirectory, each named after its overrides, e.g.
 `optim.lr=0.001,seed=0`); runs are labelled by those overrides, or by their directory name.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
@@ -33,33 +36,35 @@ DEFAULT_METRICS = (
 
 
 def find_runs(workdirs: Sequence[str]) -> list[tuple[str, str]]:
-    """(label, metrics.jsonl path) of every run under the given workdirs, in the order given."""
+    """(label, metrics.jsonl path) of every run under the given workdirs (local, gs://, s3://), in order."""
     runs: list[tuple[str, str]] = []
     for workdir in workdirs:
-        if not os.path.isdir(workdir):
+        root = _as_path(workdir)
+        if not root.is_dir():
             raise FileNotFoundError(f"{workdir} is not a directory; pass train.py or sweep.py workdirs.")
-        own = os.path.join(workdir, metrics_lib.METRICS_FILE)
-        if os.path.exists(own):
-            runs.append((os.path.basename(os.path.normpath(workdir)), own))
+        own = root / metrics_lib.METRICS_FILE
+        if own.exists():
+            runs.append((root.name, os.fspath(own)))
             continue
-        subruns = sorted(
-            name
-            for name in os.listdir(workdir)
-            if os.path.exists(os.path.join(workdir, name, metrics_lib.METRICS_FILE))
-        )
+        subruns = sorted(p.name for p in root.iterdir() if (p / metrics_lib.METRICS_FILE).exists())
         if not subruns:
             raise FileNotFoundError(
                 f"{workdir} has no {metrics_lib.METRICS_FILE}, nor any subdirectory with one: it is "
                 "not a train.py workdir or a sweep.py workdir (has the run logged a step yet?)."
             )
-        prefix = os.path.basename(os.path.normpath(workdir)) if len(workdirs) > 1 else ""
+        prefix = root.name if len(workdirs) > 1 else ""
         for name in subruns:
             label = f"{prefix}: {name}" if prefix else name
-            runs.append((label, os.path.join(workdir, name, metrics_lib.METRICS_FILE)))
+            runs.append((label, os.fspath(root / name / metrics_lib.METRICS_FILE)))
     labels = [label for label, _ in runs]
     if len(set(labels)) != len(labels):  # two workdirs with the same basename: use full paths
-        runs = [(os.path.dirname(path), path) for _, path in runs]
+        runs = [(os.fspath(epath.Path(path).parent), path) for _, path in runs]
     return runs
+
+
+def _as_path(path: str) -> epath.Path:
+    """gs://, s3:// kept as they are; local paths made absolute (a run's label is its directory's name)."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _value(v: Any) -> float | None:
@@ -150,12 +155,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def save_figure(fig, out: str, dpi: int = 110) -> None:
-    """Writes the figure as PNG through a temporary file (a failed write leaves no half file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.png"
-    fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    """Writes the figure as PNG (local, gs://, s3://) through a temporary file: never a half file."""
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, out)
+    target = _as_path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(png.getvalue())
+    try:
+        tmp.replace(target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def test_write_results_is_complete_or_absent(tmp_path):
     target = eval_lib.write_results(tmp_path, {"top1": 0.5})
     assert target == tmp_path / eval_lib.EVAL_RESULTS_FILE and json.loads(target.read_text()) == {"top1": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == [eval_lib.EVAL_RESULTS_FILE]  # no temporary left
+    eval_lib.write_results(tmp_path, {"top1": 0.75})  # a second evaluation replaces the first
+    assert json.loads(target.read_text()) == {"top1": 0.75}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [eval_lib.EVAL_RESULTS_FILE]
     with pytest.raises(OSError):
         eval_lib.write_results(tmp_path / "missing_dir" / "r.json", {"top1": 0.5})
 

@@ -106,6 +106,8 @@ def test_train_resume_eval_and_predict(tmp_path, mini_ade):
         str(tmp_path / "straight"),
     )
     assert slide["eval_mode"] == "slide" and 0.0 <= slide["mIoU"] <= 1.0
+    # Only eval.py writes (after printing): the library call left its whole-mode file as it was.
+    assert json.loads((Path(result["checkpoint"]) / "eval_results.json").read_text()) == result
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -17,7 +17,6 @@ WordNet ids of TFDS's imagenet2012 `labels.txt` as class names.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,11 +55,11 @@ class Loaded:
 
 
 def _model_meta(path: str) -> tuple[checkpoint.CheckpointRef, dict[str, Any]]:
-    p = os.path.abspath(path)
-    if not os.path.exists(p):
+    p = checkpoint.as_path(path)  # gs://, s3:// or local
+    if not p.exists():
         raise InferenceInputError(f"--checkpoint {path}: no such file or directory.")
-    if os.path.isdir(os.path.join(p, "variables")) and not os.path.exists(os.path.join(p, checkpoint.META_FILE)):
-        if not os.path.isdir(os.path.join(p, "meta")):
+    if (p / "variables").is_dir() and not (p / checkpoint.META_FILE).exists():
+        if not (p / "meta").is_dir():
             raise InferenceInputError(
                 f"{path} holds weights (variables/) but no model record: a converter checkpoint names its "
                 f"model in {checkpoint.META_FILE}, a train.py step in meta/. Re-create it with "

@@ -2,15 +2,13 @@
 
 Prints mmseg's per-class table for each set of weights; returns (and eval.py prints as its last
 line) {"mIoU", "mAcc", "aAcc" (fractions), "num_examples", "checkpoint", "step", "model",
-"dataset", "eval_mode", "views"} plus "ema": {...} when the checkpoint holds EMA weights, also
-written to eval_results.json in the checkpoint's directory.
+"dataset", "eval_mode", "views"} plus "ema": {...} when the checkpoint holds EMA weights. eval.py
+writes it (after printing it) with eval_lib.write_results, to a local, gs:// or s3:// checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from typing import Any
 
 import jax
@@ -22,8 +20,6 @@ from biformer_jax.models import from_config
 from biformer_jax.segmentation import evaluate as seg_evaluate
 from biformer_jax.segmentation import metrics as seg_metrics
 from biformer_jax.training import checkpoint
-
-EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def abstract_variables(model, crop_size) -> dict[str, Any]:
@@ -73,11 +69,4 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
             results[key] = entry
         else:
             results.update(entry)
-    if jax.process_index() == 0:
-        path = os.path.join(ref.path, EVAL_RESULTS_FILE)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    return results
+    return results  # eval.py prints it, then writes it (eval_lib.write_results: gs://, s3:// or local)

@@ -65,8 +65,8 @@ def evaluate(
 def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path:
     """Writes `record` as JSON at `path` (gs://, s3:// or local; a directory gets eval_results.json).
 
-    Written to a temporary sibling and renamed, so `path` is never half-written. Raises OSError
-    (or the filesystem's error) where it cannot write.
+    Written to a temporary sibling and renamed over `path` (a previous result is replaced), so `path`
+    is never half-written. Raises OSError (or the filesystem's error) where it cannot write.
     """
     target = checkpoint.as_path(path)
     if target.is_dir():
@@ -74,7 +74,7 @@ def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     try:
-        tmp.rename(target)
+        tmp.replace(target)  # epath's rename refuses an existing target: a re-evaluation replaces it
     except BaseException:
         if tmp.exists():
             tmp.unlink()
