@@ -11,6 +11,7 @@ import pytest
 from support.golden import rel_l2, require, route_agreement
 
 from biformer_jax import convert, models
+from biformer_jax.ops import routed_attention as routed_attention_mod
 from biformer_jax.ops.chunked_routed_attention import chunked_routed_attention, default_chunk
 from biformer_jax.ops.pallas_dispatch import pallas_routed_attention
 from biformer_jax.ops.pallas_routed_attention import inverse_routing
@@ -102,6 +103,26 @@ def test_impls_match_gather_values_and_grads(name, soft):
     for impl in ("masked", "chunked"):
         got = value_and_grads(run(impl), q, kv, r_idx, r_weight, ct)
         assert_all_close(got, want, 1e-5, impl)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("budget, steps", [(240, 2), (160, 3), (100, 6)])
+def test_gather_slices_queries_over_its_logits_budget(monkeypatch, budget, steps, soft):
+    """Over GATHER_MAX_LOGITS 'gather' attends the queries in slices (a loop): values and
+    gradients stay the numpy definition's / the one-step path's. Tq = 6 here: budgets of 240,
+    160 and 100 logits per slice need 2, 3 and 5 slices (5 does not divide 6: 6 slices)."""
+    shape = (1, 4, 6, 5, 8, 8, 2, 2)  # 1 x 4 x 2 heads x 6 queries x (2 x 5) keys = 480 logits
+    q, kv, r_idx, r_weight, ct = make_inputs(shape, soft, seed=3)
+    assert routed_attention_mod.query_steps(480, 6) == 1
+    fn = jax.jit(lambda q, kv, w: routed_attention(q, kv, r_idx, w, num_heads=2, scale=0.3, impl="gather"))
+    want = value_and_grads(fn, q, kv, r_idx, r_weight, ct)
+    monkeypatch.setattr(routed_attention_mod, "GATHER_MAX_LOGITS", budget)
+    assert routed_attention_mod.query_steps(480, 6) == steps
+    fn = jax.jit(lambda q, kv, w: routed_attention(q, kv, r_idx, w, num_heads=2, scale=0.3, impl="gather"))
+    assert "while" in fn.lower(q, kv, r_weight).as_text()  # the sliced path is the one run
+    got = value_and_grads(fn, q, kv, r_idx, r_weight, ct)
+    assert_all_close(got, want, 1e-6, f"{steps} slices")
+    assert rel_l2(got[0], numpy_reference(q, kv, r_idx, r_weight, 2, 0.3)) < 1e-6
 
 
 def test_chunked_any_chunk_size():
