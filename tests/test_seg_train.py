@@ -114,6 +114,7 @@ def test_train_resume_eval_and_predict(tmp_path, mini_ade):
     Image.fromarray(np.full((40, 52, 3), 90, np.uint8)).save(photos / "a.jpg")
     written = predict.predict_folder(config, str(tmp_path / "straight"), str(photos), str(tmp_path / "pred"))
     assert sorted(p.name for p in written) == ["a_labels.png", "a_mask.png", "a_overlay.png"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(p.name for p in written)  # no .tmp left
     mask = np.asarray(Image.open(tmp_path / "pred" / "a_mask.png"))
     labels = np.asarray(Image.open(tmp_path / "pred" / "a_labels.png"))
     assert mask.shape == (40, 52, 3) and labels.shape == (40, 52)

@@ -14,9 +14,7 @@ unless --overwrite.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
@@ -61,10 +59,13 @@ def predict_folder(
 ):
     """Writes masks, overlays and label PNGs for every image of input_dir; returns the files written."""
     seg_config.validate_eval_config(config.eval)
-    inputs = sorted(p for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    source = checkpoint.as_path(input_dir)  # local, gs://, s3:// (etils.epath)
+    if not source.is_dir():
+        raise FileNotFoundError(f"--input {input_dir}: no such directory.")
+    inputs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not inputs:
         raise FileNotFoundError(f"{input_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    out = Path(output_dir)
+    out = checkpoint.as_path(output_dir)
     targets = [(p, [out / f"{p.stem}_{kind}.png" for kind in ("mask", "overlay", "labels")]) for p in inputs]
     existing = [t for _, paths in targets for t in paths if t.exists()]
     if existing and not overwrite:
@@ -77,7 +78,8 @@ def predict_folder(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, (mask_path, overlay_path, labels_path) in targets:
-        image = np.asarray(Image.open(path).convert("RGB"))
+        with path.open("rb") as f:
+            image = np.asarray(Image.open(f).convert("RGB"))
         views = [
             (
                 r,
@@ -95,9 +97,10 @@ def predict_folder(
             (overlay_path, overlay(image, mask, opacity)),
             (labels_path, pred.astype(np.uint8)),
         ):
-            tmp = target.with_name(f".{target.name}.tmp")
-            Image.fromarray(array).save(tmp, format="PNG")
-            os.replace(tmp, target)
+            tmp = target.parent / f".{target.name}.tmp"  # written whole, then renamed: never half a file
+            with tmp.open("wb") as f:
+                Image.fromarray(array).save(f, format="PNG")
+            tmp.replace(target)
             written.append(target)
     return written
 
