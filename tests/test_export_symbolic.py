@@ -118,3 +118,19 @@ def test_region_padding_traces_with_symbolic_dims():
         assert got == (-(-side // 7), -(-side // 7), ((-side) % 7, (-side) % 7)), side
     with pytest.raises(ValueError, match="symbolic height/width need auto_pad=True"):
         region_grid(h, w, 7, auto_pad=False)
+
+
+def test_debiformer_to_onnx_names_the_op_it_cannot_express_and_converts_with_xla_ties(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (scripts/setup.sh: requirements-onnx.txt)")
+    pytest.importorskip("jax2onnx", reason="jax2onnx is not installed (scripts/setup.sh: requirements-onnx.txt)")
+    from biformer_jax.export import onnx as onnx_export
+
+    loaded = _loaded(tmp_path, "debiformer_micro")
+    assert loaded.model.routing_ties == "torch"
+    with pytest.raises(common.ExportError, match=r"ONNX cannot express the JAX primitive 'rem' inside .*'while_loop'"):
+        onnx_export.convert(loaded)  # the routers' tie-replaying top-k
+    record = onnx_export.export_checkpoint(loaded, str(tmp_path / "model.onnx"))
+    print(json.dumps({"model": "debiformer_micro", "onnx": record["check"]["relative_error"]}))
+    assert record["implementations"]["routing_ties"] == "xla"
+    assert max(record["check"]["relative_error"].values()) <= onnx_export.TOLERANCE  # against the torch-ties model
+    jax.clear_caches()
