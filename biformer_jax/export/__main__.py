@@ -5,9 +5,12 @@
 
 DIR is any checkpoint this project loads. Writes OUT and, beside it, OUT.json: the
 preprocessing (resize, crop, mean/std, NHWC float32 input), class names and the check's errors.
+The StableHLO batch is symbolic, and so are height and width for models that pad to their region
+grid (auto_pad BiFormer, DeBiFormer; --fixed_size keeps the image size; see export/stablehlo.py).
 Before writing, the exported model is run at batch 1 and 3 against model.apply (StableHLO within
-1e-6, ONNX via onnxruntime within 1e-4, relative L2 error); both files are written to temporary
-names and renamed into place, so they are complete or absent. Prints the spec's check as JSON.
+1e-6, at three sizes when symbolic; ONNX via onnxruntime within 1e-4, relative L2 error); both
+files are written to temporary names and renamed into place, so they are complete or absent.
+Prints the spec's check as JSON.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def parse_args(argv):
         choices=("conv", "shift"),
         help="depthwise convolution in the artifact: conv (XLA / ONNX grouped convolution) or shift (sums of shifts)",
     )
+    p.add_argument(
+        "--fixed_size",
+        action="store_true",
+        help="stablehlo: keep height/width at the checkpoint's image size even for a model that pads to its "
+        "region grid (auto_pad BiFormer, DeBiFormer), whose height/width are symbolic by default",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
     return p.parse_args(argv)
 
@@ -59,9 +68,13 @@ def main(argv=None) -> int:
         )
         if args.format == "onnx":
             from biformer_jax.export import onnx as exporter
+
+            record = exporter.export_checkpoint(loaded, args.out, overwrite=args.overwrite)
         else:
             from biformer_jax.export import stablehlo as exporter
-        record = exporter.export_checkpoint(loaded, args.out, overwrite=args.overwrite)
+
+            symbolic = False if args.fixed_size else None  # None: symbolic where the model allows it
+            record = exporter.export_checkpoint(loaded, args.out, overwrite=args.overwrite, symbolic_size=symbolic)
     except (inference.InferenceInputError, checkpoint.CheckpointMismatchError, common.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -40,11 +40,13 @@ def serving_fn(loaded: inference.Loaded) -> Callable[[jax.Array], jax.Array]:
     return logits
 
 
-def check_inputs(loaded: inference.Loaded, seed: int = 0) -> list[np.ndarray]:
-    """Normalised-range random images at each CHECK_BATCHES size (fixed seed)."""
+def check_inputs(loaded: inference.Loaded, seed: int = 0, size: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """Normalised-range random images at each CHECK_BATCHES size (fixed seed), `size` (h, w)
+    or the checkpoint's image size."""
     rng = np.random.default_rng(seed)
     s = loaded.preprocess.image_size
-    return [rng.standard_normal((n, s, s, 3)).astype(np.float32) for n in CHECK_BATCHES]
+    h, w = size or (s, s)
+    return [rng.standard_normal((n, h, w, 3)).astype(np.float32) for n in CHECK_BATCHES]
 
 
 def reference_model(loaded: inference.Loaded):
@@ -70,12 +72,24 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def check(name: str, run: Callable[[np.ndarray], np.ndarray], loaded, tolerance: float) -> dict[str, float]:
-    """Runs the exported model at every CHECK_BATCHES size against model.apply; raises above tolerance."""
-    inputs = check_inputs(loaded)
+def check(
+    name: str,
+    run: Callable[[np.ndarray], np.ndarray],
+    loaded,
+    tolerance: float,
+    sizes: list[tuple[int, int]] | None = None,
+) -> dict[str, float]:
+    """Runs the exported model at every CHECK_BATCHES size against model.apply; raises above tolerance.
+
+    At the checkpoint's image size the errors are keyed `batch_N`; with `sizes` (h, w) (a
+    symbolic-size artifact) at each of them, keyed `HxW_batch_N`.
+    """
     errors = {}
-    for x, want in zip(inputs, reference_outputs(loaded, inputs)):
-        errors[f"batch_{len(x)}"] = relative_error(run(x), want)
+    for size in sizes or [None]:
+        inputs = check_inputs(loaded, size=size)
+        prefix = f"{size[0]}x{size[1]}_" if size else ""
+        for x, want in zip(inputs, reference_outputs(loaded, inputs)):
+            errors[f"{prefix}batch_{len(x)}"] = relative_error(run(x), want)
     worst = max(errors.values())
     if not np.isfinite(worst) or worst > tolerance:
         raise ExportError(
@@ -99,7 +113,15 @@ def check_writable(out: str, *, overwrite: bool) -> None:
             raise ExportError(f"{path} already exists; pass --overwrite to replace it (nothing was written).")
 
 
-def spec(loaded: inference.Loaded, *, kind: str, artifact: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+def spec(
+    loaded: inference.Loaded,
+    *,
+    kind: str,
+    artifact: str,
+    extra: Mapping[str, Any],
+    input_shape: list | None = None,
+) -> dict[str, Any]:
+    """The spec JSON; `input_shape` (None for a symbolic dimension) defaults to (batch, S, S, 3)."""
     s = loaded.preprocess.image_size
     return {
         "format": SPEC_FORMAT,
@@ -109,7 +131,7 @@ def spec(loaded: inference.Loaded, *, kind: str, artifact: str, extra: Mapping[s
         "model_kwargs": loaded.meta.get("model_kwargs", {}),
         "checkpoint": loaded.checkpoint,
         "step": loaded.meta.get("step"),
-        "input": {"name": "images", "layout": "NHWC", "dtype": "float32", "shape": [None, s, s, 3]},
+        "input": {"name": "images", "layout": "NHWC", "dtype": "float32", "shape": input_shape or [None, s, s, 3]},
         "output": {"name": "logits", "dtype": "float32", "shape": [None, loaded.num_classes]},
         "preprocess": {**loaded.preprocess.to_record(), "steps": list(PREPROCESS_STEPS)},
         "preprocess_source": loaded.preprocess_source,

@@ -8,10 +8,11 @@ or use it from Python:
 
     from loader import load
     predict = load("model.stablehlo")       # reads model.stablehlo.json beside it
-    logits = predict.logits(images_nhwc)    # (N, S, S, 3) float32, preprocessed
+    logits = predict.logits(images_nhwc)    # (N, H, W, 3) float32, preprocessed
     top = predict.classify(["cat.jpg"], top_k=5)
 
-The artifact runs on whatever platform jax uses (cpu, cuda or tpu); the batch size is free.
+The artifact runs on whatever platform jax uses (cpu, cuda or tpu); the batch size is free, and
+so are height and width where the spec's input shape says None (any size >= its `min_size`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,31 @@ class Predictor:
         self.spec = spec
         self.class_names = spec["class_names"]
 
+    def check_shape(self, shape: tuple) -> None:
+        """A ValueError naming the problem when the artifact cannot take images of `shape`."""
+        want = self.spec["input"]["shape"]  # [None, S, S, 3], or [None, None, None, 3] (symbolic size)
+        if len(shape) != 4 or shape[-1] != 3 or shape[0] < 1:
+            raise ValueError(f"images must be (N, H, W, 3) NHWC with N >= 1, got shape {tuple(shape)}.")
+        h, w = shape[1], shape[2]
+        if want[1] is not None and (h, w) != (want[1], want[2]):
+            raise ValueError(
+                f"this artifact takes {want[1]}x{want[2]} images (fixed size), got {h}x{w}; resize/crop them "
+                "as the spec's preprocess says."
+            )
+        mh, mw = self.spec.get("min_size", [1, 1])
+        if h < mh or w < mw:
+            raise ValueError(
+                f"{h}x{w} images are too small for this model: it needs at least {mh}x{mw} (its K/V pooling "
+                "window must fit in every region); resize them up."
+            )
+
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) float32 NHWC, preprocessed -> (N, classes) float32 logits."""
-        return np.asarray(self.exported.call(np.asarray(images, np.float32)))
+        """(N, H, W, 3) float32 NHWC, preprocessed -> (N, classes) float32 logits.
+
+        H, W: the spec's image size, or any size >= its `min_size` for a symbolic-size artifact."""
+        images = np.asarray(images, np.float32)
+        self.check_shape(images.shape)
+        return np.asarray(self.exported.call(images))
 
     def preprocess(self, path: str) -> np.ndarray:
         """The spec's eval transform: shorter side to `resize`, center crop, [0, 1], mean/std."""

@@ -9,12 +9,17 @@ What converts (jax2onnx 0.17.1, checked on biformer_micro): routed attention `ga
 and `auto` (which picks between them) with lax.top_k routing, and `dwconv_impl="conv"` (the
 default here: one grouped ONNX Conv per depthwise convolution). The Pallas kernels (`pallas`,
 `pallas_interpret`) are custom calls ONNX cannot express and are refused. A primitive jax2onnx
-has no rule for is named in the error.
+has no rule for, or fails to lower, is named in the error. DeBiFormer (routing_ties 'torch', a
+top-k that replays PyTorch's tie order in a `while_loop`) fails in that loop's `rem` under the
+dynamic batch; the export converts it with routing_ties='xla' (`convertible`: the same outputs,
+which the check against model.apply with the checkpoint's own ties confirms).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import traceback
 from typing import Any
 
 from biformer_jax import inference
@@ -55,14 +60,39 @@ def convert(loaded: inference.Loaded) -> bytes:
             input_names=["images"],
             output_names=["logits"],
         )
-    except NotImplementedError as e:
+    except Exception as e:  # noqa: BLE001 - any converter failure becomes one error naming the op
         match = re.search(r"primitive '([^']+)'", str(e))
-        what = f"the JAX primitive {match.group(1)!r}" if match else "an operation"
+        lowering = failing_primitives(e)
+        if match:
+            what = f"the JAX primitive {match.group(1)!r}"
+        elif lowering:
+            what = "the JAX primitive " + " inside ".join(repr(p) for p in reversed(lowering))
+        else:
+            what = "an operation"
         raise common.ExportError(
-            f"ONNX cannot express {what} of {loaded.meta['model']} (jax2onnx: {e}). Try another "
-            "--attn_impl / --dwconv_impl, or --format=stablehlo."
+            f"ONNX cannot express {what} of {loaded.meta['model']} (jax2onnx: {type(e).__name__}: {e}). Try "
+            "another --attn_impl / --dwconv_impl, or --format=stablehlo."
         ) from e
     return proto.SerializeToString()
+
+
+def failing_primitives(error: BaseException) -> list[str]:
+    """The JAX primitives jax2onnx was lowering when `error` was raised, outermost first
+    (read from its plugin modules in the traceback, jax2onnx/plugins/jax/<ns>/<primitive>.py)."""
+    names = []
+    for frame in traceback.extract_tb(error.__traceback__):
+        m = re.search(r"jax2onnx[/\\]plugins[/\\]jax[/\\]\w+[/\\](\w+)\.py$", frame.filename)
+        if m and not m.group(1).startswith("_") and (not names or names[-1] != m.group(1)):
+            names.append(m.group(1))
+    return names
+
+
+def convertible(loaded: inference.Loaded) -> inference.Loaded:
+    """`loaded` with routing_ties='xla' where it was 'torch': the same outputs (tied regions hold
+    identical keys and values), while the tie-replaying top-k (a while_loop) does not convert."""
+    if getattr(loaded.model, "routing_ties", "xla") != "torch":
+        return loaded
+    return dataclasses.replace(loaded, model=loaded.model.clone(routing_ties="xla"))
 
 
 def run_serialized(data: bytes, images):
@@ -74,7 +104,8 @@ def run_serialized(data: bytes, images):
 def export_checkpoint(loaded: inference.Loaded, out: str, *, overwrite: bool = False) -> dict[str, Any]:
     """Writes OUT (.onnx) and its spec JSON; returns the spec (with the check's errors)."""
     common.check_writable(out, overwrite=overwrite)
-    data = convert(loaded)
+    exported_model = convertible(loaded)
+    data = convert(exported_model)
     errors = common.check("onnx", lambda x: run_serialized(data, x), loaded, TOLERANCE)
     import jax2onnx
     import onnxruntime
@@ -86,7 +117,10 @@ def export_checkpoint(loaded: inference.Loaded, out: str, *, overwrite: bool = F
         extra={
             "opset": OPSET,
             "converter": f"jax2onnx {getattr(jax2onnx, '__version__', '?')}",
-            "implementations": {k: getattr(loaded.model, k) for k in inference.IMPL_OPTIONS},
+            "implementations": {
+                **{k: getattr(loaded.model, k) for k in inference.IMPL_OPTIONS},
+                "routing_ties": getattr(exported_model.model, "routing_ties", None),
+            },
             "check": {
                 "relative_error": errors,
                 "tolerance": TOLERANCE,

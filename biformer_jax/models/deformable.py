@@ -30,8 +30,23 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import DepthwiseConv2d, Dtype, conv2d, conv_init, fan_in_uniform_bias, layer_norm
-from biformer_jax.models.routing import RoutingSettings, TopkRouting, from_regions, kv_downsample, to_regions
+from biformer_jax.models.layers import (
+    DepthwiseConv2d,
+    Dtype,
+    conv2d,
+    conv_init,
+    fan_in_uniform_bias,
+    is_zero_pad,
+    layer_norm,
+)
+from biformer_jax.models.routing import (
+    RoutingSettings,
+    TopkRouting,
+    from_regions,
+    kv_downsample,
+    region_grid,
+    to_regions,
+)
 from biformer_jax.ops.depthwise import resolve_dwconv_impl
 from biformer_jax.ops.fused import gelu
 from biformer_jax.ops.grid_sample import grid_sample
@@ -73,25 +88,46 @@ def deform_settings(param_size: str, dim: int) -> DeformSettings:
 
 
 def pad_to_multiple(x: jax.Array, p: int) -> jax.Array:
-    """Zero-pads (N, H, W, C) at the bottom/right so that p divides H and W."""
-    pad_b, pad_r = (-x.shape[1]) % p, (-x.shape[2]) % p
-    if pad_b or pad_r:
-        x = jnp.pad(x, ((0, 0), (0, pad_b), (0, pad_r), (0, 0)))
-    return x
+    """Zero-pads (N, H, W, C) at the bottom/right to (N, p*ceil(H/p), p*ceil(W/p), C).
+
+    Written as a ceiling division (not `H + (-H) % p`) so that symbolic H and W (a jax.export
+    with symbolic height/width) give a size p divides; a symbolic map is always padded.
+    """
+    _, _, pad = region_grid(x.shape[1], x.shape[2], p, auto_pad=True)
+    if is_zero_pad(pad):
+        return x
+    return jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))  # (N, p*h, p*w, C)
+
+
+def _as_float(d) -> jax.Array:
+    """A (possibly symbolic) dimension as a float32 scalar array."""
+    return jnp.asarray(d, jnp.float32)
+
+
+def _minus_one_at_least_one(n):
+    """max(n - 1, 1) of a dimension: a Python int, or a float32 array for a symbolic n."""
+    return max(n - 1, 1) if isinstance(n, int) else jnp.maximum(_as_float(n) - 1, 1)
+
+
+def _cell_centres(n) -> jax.Array:
+    """(n,) centres of n cells spanning [-1, 1]: the release's linspace(0.5, n - 0.5, n) / n * 2 - 1."""
+    if isinstance(n, int):
+        return (jnp.linspace(0.5, n - 0.5, n, dtype=jnp.float32) / n) * 2 - 1
+    # A symbolic n (jnp.linspace needs a concrete count): the same formula linspace uses.
+    t = jnp.arange(n, dtype=jnp.float32) / _minus_one_at_least_one(n)
+    return ((0.5 * (1 - t) + (_as_float(n) - 0.5) * t) / _as_float(n)) * 2 - 1
 
 
 def reference_points(h: int, w: int) -> jax.Array:
     """Cell centres of an h x w grid in [-1, 1], (h, w, 2) as (y, x) (the release's `_get_ref_points`)."""
-    ys = (jnp.linspace(0.5, h - 0.5, h, dtype=jnp.float32) / h) * 2 - 1
-    xs = (jnp.linspace(0.5, w - 0.5, w, dtype=jnp.float32) / w) * 2 - 1
-    return jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
+    return jnp.stack(jnp.meshgrid(_cell_centres(h), _cell_centres(w), indexing="ij"), axis=-1)
 
 
 def query_grid(h: int, w: int) -> jax.Array:
     """Token positions of an h x w map in [-1, 1] (corners at +-1), (h, w, 2) as (y, x)."""
     # The release divides by (h - 1), which is 0/0 for a single row; such a map is centred here.
-    ys = jnp.arange(h, dtype=jnp.float32) / max(h - 1, 1) * 2 - 1
-    xs = jnp.arange(w, dtype=jnp.float32) / max(w - 1, 1) * 2 - 1
+    ys = jnp.arange(h, dtype=jnp.float32) / _minus_one_at_least_one(h) * 2 - 1
+    xs = jnp.arange(w, dtype=jnp.float32) / _minus_one_at_least_one(w) * 2 - 1
     return jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
 
 
@@ -308,7 +344,7 @@ class DeBiLevelRoutingAttention(nn.Module):
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (N, m, HW, Ns)
         out = jnp.einsum("nmqk,nkmc->nqmc", attn, v).reshape(n, hh, ww, c)  # (N, H, W, C)
         out = conv2d(c, 1, c, "proj_out", dt, pdt)(out)
-        return out[:, :h_in, :w_in, :]
+        return jax.lax.slice(out, (0, 0, 0, 0), (n, h_in, w_in, c))  # (N, H_in, W_in, C)
 
 
 def position_bias(table: jax.Array, pos: jax.Array, h: int, w: int) -> jax.Array:

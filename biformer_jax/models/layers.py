@@ -78,6 +78,11 @@ class LayerNormParams(nn.Module):
         return _norm_params(self, features, self.param_dtype)
 
 
+def is_zero_pad(pad) -> bool:
+    """Whether `pad` is known at trace time to be all zeros (symbolic pads never are)."""
+    return all(isinstance(v, int) and v == 0 for v in pad)
+
+
 class NormDense(nn.Module):
     """Linear(LayerNorm(x)) as one fused op (`ops.fused.layer_norm_dense`), whose VJP keeps
     the normalised input for both (the Linear's input is recomputed from it in the backward
@@ -106,7 +111,7 @@ class NormDense(nn.Module):
         cuts = (slice(None),) if self.split_at is None else (slice(None, self.split_at), slice(self.split_at, None))
         kernels, biases = tuple(kernel[:, c] for c in cuts), tuple(dense_bias[c] for c in cuts)
         x = x.astype(self.dtype)
-        if not any(pad):
+        if is_zero_pad(pad):
             return fused.layer_norm_dense(x, scale, bias, kernels, biases, self.norm.epsilon)
         zero_biases = tuple(jnp.zeros_like(b) for b in biases)
         outs = fused.layer_norm_dense(x, scale, bias, kernels, zero_biases, self.norm.epsilon)

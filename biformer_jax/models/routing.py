@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import DepthwiseConv2d, Dtype, LayerNormParams, NormDense, dense
+from biformer_jax.models.layers import DepthwiseConv2d, Dtype, LayerNormParams, NormDense, dense, is_zero_pad
 from biformer_jax.ops.routed_attention import routed_attention
 from biformer_jax.ops.topk import topk
 
@@ -62,6 +62,12 @@ def kv_downsample(x: jax.Array, mode: str, kv_per_win: int, ratio: int) -> jax.A
         return adaptive_pool(x, kv_per_win, "max" if mode == "ada_maxpool" else "avg")
     if ratio <= 1:  # the official code uses nn.Identity for ratio 1
         return x
+    h, w = x.shape[-3], x.shape[-2]
+    if isinstance(h, int) and isinstance(w, int) and min(h, w) < ratio:  # symbolic sizes: export constraints
+        raise ValueError(
+            f"kv_downsample_mode={mode!r} pools {ratio}x{ratio} tokens, but the regions hold {h}x{w}: the "
+            "input is too small for this model (PyTorch's pooling refuses it too); feed a larger image."
+        )
     return window_pool(x, ratio, ratio, "max" if mode == "maxpool" else "avg")
 
 
@@ -203,19 +209,10 @@ class BiLevelRoutingAttention(nn.Module):
         r = self.routing
         n, h_in, w_in, c = x.shape
         p, qk = r.n_win, self._qk_dim
-        pad_b, pad_r = (-h_in) % p, (-w_in) % p
-        if pad_b or pad_r:
-            if not r.auto_pad:
-                raise ValueError(
-                    f"Bi-level routing attention got a {h_in}x{w_in} feature map, which n_win={p} does "
-                    f"not divide; pass auto_pad=True to pad it (as for dense prediction), or feed "
-                    f"images whose side is a multiple of 32 * n_win = {32 * p}."
-                )
-        hh, ww = h_in + pad_b, w_in + pad_r
-        h, w = hh // p, ww // p  # region size in tokens
+        h, w, pad = region_grid(h_in, w_in, p, r.auto_pad)  # region size in tokens; (bottom, right) pad
 
         # Padding (auto_pad) goes after the norm, as in the official code: zero tokens.
-        q, kv = self.qkv(x, (pad_b, pad_r))  # (N, H, W, Cqk), (N, H, W, Cqk + C)
+        q, kv = self.qkv(x, pad)  # (N, p*h, p*w, Cqk), (N, p*h, p*w, Cqk + C)
         q_reg = to_regions(q, p)  # (N, P, h, w, Cqk)
         kv_reg = to_regions(kv, p)  # (N, P, h, w, Cqk + C)
         kv_pix = kv_downsample(kv_reg, r.kv_downsample_mode, r.kv_per_win, r.kv_downsample_ratio)
@@ -240,7 +237,7 @@ class BiLevelRoutingAttention(nn.Module):
             out = out + self.lepe(kv[..., qk:])
         if self.wo is not None:
             out = self.wo(out)
-        return out[:, :h_in, :w_in, :]
+        return jax.lax.slice(out, (0, 0, 0, 0), (n, h_in, w_in, out.shape[-1]))  # (N, H_in, W_in, C)
 
 
 class _QKVLinear(nn.Module):
@@ -263,10 +260,37 @@ class _QKVLinear(nn.Module):
             fuse = NormDense(self.norm, features, self.qk_dim, fan_in, self.dtype, self.param_dtype, name="qkv")
             q, kv = fuse(x, pad)
             return q, kv
-        if any(pad):
+        if not is_zero_pad(pad):
             x = jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))
         y = dense(features, "qkv", self.dtype, self.param_dtype, torch_init_fan_in=fan_in)(x)
         return y[..., : self.qk_dim], y[..., self.qk_dim :]
+
+
+def region_grid(h_in, w_in, p: int, auto_pad: bool):
+    """(h, w, (pad_b, pad_r)): the region size in tokens of an h_in x w_in map cut into p x p
+    regions, and the bottom/right zero padding that makes it p*h x p*w.
+
+    Without auto_pad p must divide the map (a ValueError says what to do otherwise). With it,
+    the region size is a ceiling division and the pad is what is left to p*h, written so that
+    symbolic dimensions (jax.export shape polymorphism) express it: `-(-h_in // p)` and
+    `p * h - h_in` trace where `h_in + (-h_in) % p` would not divide back by p, and the pad is
+    then always applied, even where it comes to 0.
+    """
+    if not auto_pad:
+        if not (isinstance(h_in, int) and isinstance(w_in, int)):
+            raise ValueError(
+                f"Bi-level routing attention without auto_pad needs a fixed-size {h_in}x{w_in} feature map "
+                f"(n_win={p} must divide it); symbolic height/width need auto_pad=True."
+            )
+        if h_in % p or w_in % p:
+            raise ValueError(
+                f"Bi-level routing attention got a {h_in}x{w_in} feature map, which n_win={p} does "
+                f"not divide; pass auto_pad=True to pad it (as for dense prediction), or feed "
+                f"images whose side is a multiple of 32 * n_win = {32 * p}."
+            )
+        return h_in // p, w_in // p, (0, 0)
+    h, w = -(-h_in // p), -(-w_in // p)
+    return h, w, (p * h - h_in, p * w - w_in)
 
 
 def to_regions(x: jax.Array, p: int) -> jax.Array:

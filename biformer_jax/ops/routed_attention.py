@@ -19,7 +19,8 @@ in memory and how they map onto hardware:
   `pallas_dispatch`); 'pallas_interpret' runs the TPU kernels in interpret mode (CPU tests).
 - 'auto': per call and per lowering platform, from the shapes (see `resolve_impl`): the
   Pallas kernel on GPU/TPU where `AUTO_KERNEL_RULES` says it is the faster choice,
-  otherwise 'masked' or 'gather'.
+  otherwise 'masked' or 'gather'; 'gather' where the region size is symbolic (a jax.export
+  with symbolic height/width), which no shape rule can weigh.
 
 The routing indices get no gradient; q and kv do, and r_weight with soft routing.
 """
@@ -107,6 +108,8 @@ def resolve_impl(impl: str, q_shape, kv_shape, topk: int, platform: str = "cpu")
         return impl
     _, p, tq, _ = q_shape
     tkv = kv_shape[2]
+    if not all(isinstance(d, int) for d in (p, tq, tkv)):  # symbolic (shape-polymorphic export)
+        return "gather"
     if kernel_preferred(platform, tq, tkv):
         return "pallas"
     dense_logits = (p * tq) * (p * tkv)
