@@ -189,7 +189,9 @@ def _gather_attention(q, kv, r_idx, r_weight, num_heads, scale):
         return jnp.einsum("npmqk,npmkc->npmqc", attn, v_sel)
 
     n, p, m, tq, c = qh.shape
-    steps = query_steps(n * p * m * tq * k * tkv, tq)
+    sizes = (n, p, m, tq, k, tkv)
+    # One step where a size is symbolic (shape-polymorphic export): no budget can be weighed.
+    steps = query_steps(n * p * m * tq * k * tkv, tq) if all(isinstance(d, int) for d in sizes) else 1
     if steps == 1:
         out = attend(qh)  # (N, P, m, Tq, cv)
     else:  # the softmax is per query row: attend `steps` slices of the queries in turn
