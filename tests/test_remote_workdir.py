@@ -1,4 +1,4 @@
-"""A gs:// workdir end to end, offline: train.py, a resumed train.py, eval.py, predict.py, the plot.
+"""A gs:// workdir end to end, offline: train.py, a resumed train.py, eval.py, predict.py, the plot, export.
 
 The programs run as subprocesses against tests/support/fake_gcs.py, an in-memory GCS that
 every gs:// client in the stack reaches as it would reach Google's: Orbax's arrays through
@@ -97,6 +97,11 @@ def test_train_resume_and_eval_on_a_gs_workdir(gcs, tmp_path):
 
     _run(["-m", "biformer_jax.plot", WORKDIR], env, tmp_path / "cwd5", tmp_path / "plot.log")
     assert gcs.read(BUCKET, PREFIX + "curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+    export = ["-m", "biformer_jax.export", f"--checkpoint={WORKDIR}", f"--out={WORKDIR}/export/model.stablehlo"]
+    _run(export, env, tmp_path / "cwd6", tmp_path / "export.log")
+    spec = json.loads(gcs.read(BUCKET, PREFIX + "export/model.stablehlo.json"))
+    assert spec["checkpoint"].startswith(WORKDIR) and len(gcs.read(BUCKET, PREFIX + "export/model.stablehlo")) > 1000
 
     assert not [n for n in gcs.names(BUCKET) if "tmp" in n]  # every temporary renamed or removed
     assert gcs.unhandled == []

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from biformer_jax import inference, models
+from biformer_jax.training.checkpoint import as_path
 
 SPEC_FORMAT = "biformer_jax.export/1"
 CHECK_BATCHES = (1, 3)
@@ -106,10 +107,10 @@ def spec_path(out: str) -> str:
 
 def check_writable(out: str, *, overwrite: bool) -> None:
     """Fails before any work when OUT or its spec exists (unless overwrite) or OUT is a directory."""
-    if os.path.isdir(out):
+    if as_path(out).is_dir():
         raise ExportError(f"--out={out} is a directory; give the artifact's file name (e.g. {out}/model.stablehlo).")
     for path in (out, spec_path(out)):
-        if os.path.exists(path) and not overwrite:
+        if as_path(path).exists() and not overwrite:
             raise ExportError(f"{path} already exists; pass --overwrite to replace it (nothing was written).")
 
 
@@ -143,28 +144,29 @@ def spec(
 def write_atomically(files: Mapping[str, bytes], *, overwrite: bool) -> None:
     """Writes every {path: bytes} to a temporary sibling, then renames each into place.
 
-    Nothing is renamed until every file is complete, so a failure (or a kill) leaves at most
-    hidden temporary files, never a half-written artifact.
+    Local, gs:// or s3:// paths (etils.epath). Nothing is renamed until every file is complete,
+    so a failure (or a kill) leaves at most hidden temporary files, never a half-written artifact.
     """
     for path in files:
         check_writable(path, overwrite=overwrite)
     tmps = {}
     try:
         for path, data in files.items():
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+            target = as_path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmps[path] = tmp
-            with open(tmp, "wb") as f:
+            with tmp.open("wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if target.as_uri().startswith("file:"):  # local: on disk before the rename
+                    f.flush()
+                    os.fsync(f.fileno())
         for path, tmp in tmps.items():
-            os.replace(tmp, path)
+            tmp.replace(as_path(path))
     finally:
         for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if tmp.exists():
+                tmp.unlink()
 
 
 def json_bytes(record: Mapping[str, Any]) -> bytes:
