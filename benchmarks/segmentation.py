@@ -39,7 +39,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's biformer_jax first
 
-from timing import DTYPES, CompiledBench, time_steps  # noqa: E402  (benchmarks/timing.py)
+from timing import DTYPES, CompiledBench, alternate_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from biformer_jax import models  # noqa: E402
 from biformer_jax.models.segmentation import BACKBONES  # noqa: E402
@@ -247,18 +247,9 @@ def main(argv=None) -> dict:
             raise SystemExit("--official_repo times the official BiFormer backbone: a biformer model, --part=backbone.")
         official = OfficialSeg(args, model.backbone_config)
     ours = OursSeg(args)
-    for _ in range(args.warmup):
-        ours.step()
-        if official is not None:
-            official.step()
-    ours_s, theirs_s = [], []
-    for r in range(args.rounds):
-        ours_s.append(time_steps(ours, args.steps))
-        line = f"round {r}: ours {1e3 * ours_s[-1]:.0f} ms/step"
-        if official is not None:
-            theirs_s.append(time_steps(official, args.steps))
-            line += f", official {1e3 * theirs_s[-1]:.0f} ms/step, speedup {theirs_s[-1] / ours_s[-1]:.2f}x"
-        print(line, flush=True)
+    ours_s, theirs_s = alternate_rounds(
+        ours, official, warmup=args.warmup, rounds=args.rounds, steps=args.steps, batch=args.batch
+    )
     step_s = statistics.median(ours_s)
     result = {
         "model": args.model,

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's biformer_jax first
 
-from timing import DTYPES, CompiledBench, time_steps  # noqa: E402  (benchmarks/timing.py)
+from timing import DTYPES, CompiledBench, alternate_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from biformer_jax import models  # noqa: E402
 from biformer_jax.ops.routed_attention import IMPLS  # noqa: E402
@@ -154,21 +154,9 @@ def main(argv=None) -> dict:
             args.res,
             args.threads,
         )
-    for _ in range(args.warmup):
-        ours.step()
-        if official is not None:
-            official.step()
-    ours_s, theirs_s = [], []
-    for r in range(args.rounds):
-        ours_s.append(time_steps(ours, args.steps))
-        line = f"round {r}: ours {1e3 * ours_s[-1]:.0f} ms/step ({args.batch / ours_s[-1]:.2f} img/s)"
-        if official is not None:
-            theirs_s.append(time_steps(official, args.steps))
-            line += (
-                f", official {1e3 * theirs_s[-1]:.0f} ms/step ({args.batch / theirs_s[-1]:.2f} img/s),"
-                f" speedup {theirs_s[-1] / ours_s[-1]:.2f}x"
-            )
-        print(line, flush=True)
+    ours_s, theirs_s = alternate_rounds(
+        ours, official, warmup=args.warmup, rounds=args.rounds, steps=args.steps, batch=args.batch
+    )
     step_s = statistics.median(ours_s)
     result = {
         "model": args.model,

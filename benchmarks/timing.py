@@ -46,3 +46,27 @@ def time_steps(bench, n: int) -> float:
         bench.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def alternate_rounds(ours, official, *, warmup: int, rounds: int, steps: int, batch: int):
+    """Warms both up, then times `rounds` rounds of `steps` steps, ours then the official one
+    (None: ours alone) in each, so both see the same load; prints a line per round.
+
+    Returns the per-round median seconds per step: (ours, official; empty without one).
+    """
+    for _ in range(warmup):
+        ours.step()
+        if official is not None:
+            official.step()
+    ours_s, theirs_s = [], []
+    for r in range(rounds):
+        ours_s.append(time_steps(ours, steps))
+        line = f"round {r}: ours {1e3 * ours_s[-1]:.0f} ms/step ({batch / ours_s[-1]:.2f} img/s)"
+        if official is not None:
+            theirs_s.append(time_steps(official, steps))
+            line += (
+                f", official {1e3 * theirs_s[-1]:.0f} ms/step ({batch / theirs_s[-1]:.2f} img/s),"
+                f" speedup {theirs_s[-1] / ours_s[-1]:.2f}x"
+            )
+        print(line, flush=True)
+    return ours_s, theirs_s
