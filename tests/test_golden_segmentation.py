@@ -47,6 +47,11 @@ def run_case(case: str) -> dict[str, float]:
     errors["seg_pred_same"] = float(np.mean(pred == g.data["seg_pred"]))
     same, total = route_agreement(routes, g.routes())
     errors["routes_same"] = same / total
+    # As evaluation runs it: no intermediates recorded, so each stage's blocks run as one scan
+    # (scan_blocks, the segmentation models' default), while the pass above runs them unrolled.
+    assert model.backbone_config["scan_blocks"]
+    scanned = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    errors["seg_logits/scanned"] = rel_l2(nchw(scanned), g.data["seg_logits"])
     return errors
 
 

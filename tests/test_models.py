@@ -314,3 +314,70 @@ def test_create_model_rejects_unknowns():
         models.create_model("biformer_huge")
     with pytest.raises(TypeError, match="unknown argument"):
         models.create_model("biformer_tiny", topk=3)
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def random_variables(model, x, seed):
+    """Variables of `model`'s shapes with random values, without compiling its initialisation."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
+    leaves, tree = jax.tree.flatten(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    values = [
+        0.5 + 0.1 * jax.random.uniform(k, s.shape, s.dtype)  # > 0: BatchNorm variances too
+        if jnp.issubdtype(s.dtype, jnp.floating)
+        else jnp.zeros(s.shape, s.dtype)  # BatchNorm's num_batches_tracked
+        for k, s in zip(keys, leaves)
+    ]
+    return jax.tree.unflatten(tree, values)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, hw",
+    [
+        ("biformer_micro", dict(depth=(2, 3, 2, 2)), (64, 64)),
+        ("biformer_micro", dict(depth=(3, 2, 2, 2), auto_pad=True, drop_path_rate=0.2), (72, 88)),
+        ("debiformer_micro", dict(depth=(1, 1, 2, 2)), (96, 80)),
+    ],
+)
+def test_scan_blocks_is_the_unrolled_model_at_inference(name, overrides, hw):
+    """`scan_blocks` runs each stage's blocks as one lax.scan at inference: the same outputs and
+    features from the same (per-block) variables; training, initialisation and route capture
+    keep the unrolled blocks, so their results are the unrolled model's exactly."""
+    unrolled = models.create_model(name, num_classes=7, **overrides)
+    scanned = models.create_model(name, num_classes=7, scan_blocks=True, **overrides)
+    x = jax.random.normal(jax.random.key(3), (2, *hw, 3))
+    variables = random_variables(unrolled, x, seed=4)
+    assert jax.tree.structure(jax.eval_shape(scanned.init, jax.random.key(4), x)) == jax.tree.structure(variables)
+
+    def infer(model):
+        return jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
+
+    want, got = infer(unrolled)(variables, x), infer(scanned)(variables, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape and rel_l2(a, b) < 1e-6
+    # the scanned program is the one measured: one scan per stage of depth > 1, none unrolled
+    n_scans = sum(d > 1 for d in overrides["depth"])
+    assert str(jax.make_jaxpr(infer(scanned))(variables, x)).count("scan[") == n_scans
+    assert "scan[" not in str(jax.make_jaxpr(infer(unrolled))(variables, x))
+    if name != "biformer_micro":
+        return  # the fallbacks below are the stage loop's, the same for both models (compile time)
+
+    def routes(model):
+        return models.collect_routes(
+            jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"])[1])(variables, x)
+        )
+
+    want_routes, got_routes = routes(unrolled), routes(scanned)
+    assert len(got_routes) == len(want_routes) > 0
+    for a, b in zip(got_routes, want_routes):
+        np.testing.assert_array_equal(a, b)
+
+    def train(model):
+        rngs = {"drop_path": jax.random.key(5), "dropout": jax.random.key(6)}
+        return jax.jit(lambda v, x: model.apply(v, x, train=True, rngs=rngs, mutable=["batch_stats"])[0])(variables, x)
+
+    np.testing.assert_array_equal(train(scanned), train(unrolled))

@@ -108,8 +108,10 @@ class BiFormer(nn.Module):
 
     Extensions: `qk_dims` entries may be None (meaning the stage width), `dtype` is the
     compute dtype, `attn_impl` / `dwconv_impl` pick implementations of the same function,
-    `features_only` makes the model a backbone returning the four stage maps, and
-    `drop_rate` is dropout before the classifier (the official constructor ignores it).
+    `features_only` makes the model a backbone returning the four stage maps,
+    `scan_blocks` runs each stage's blocks as one `lax.scan` at inference (see
+    `stages.run_stages`), and `drop_rate` is dropout before the classifier (the official
+    constructor ignores it).
 
     Call: `model.apply(variables, x_nhwc, train=False, return_features=False)` gives logits
     (N, num_classes), or `(logits, [f1, f2, f3, f4])` with `return_features=True`; stage i
@@ -149,6 +151,7 @@ class BiFormer(nn.Module):
     # --- JAX-side options -----------------------------------------------------------
     routing_ties: str = "xla"  # the routers' exact-tie order ('xla' | 'torch'), biformer_jax.ops.topk
     features_only: bool = False
+    scan_blocks: bool = False  # inference: one lax.scan per stage over its blocks (stages.run_stages)
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32

@@ -12,7 +12,8 @@ back. With one view the prediction is the argmax of those logits; with several (
 and/or flip) the softmax outputs of all views are averaged first, as mmseg's aug_test does.
 Every resize is bilinear with align_corners=False and no antialiasing (PyTorch's, ops/resize.py).
 
-The network runs once per distinct input shape (jit caches it); the final resize runs with
+The network is compiled once per distinct input shape (ahead of time, after which the compiler's
+freed memory goes back to the system: biformer_jax.host_memory); the final resize runs with
 gather taps passed as arrays and padded to a bucket of 64 pixels, so images of any size share a
 handful of compiled programs.
 """
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biformer_jax.host_memory import compile_for_inference
 from biformer_jax.ops.resize import linear_taps, resize_bilinear
 
 _BUCKET = 64
@@ -115,6 +117,15 @@ class Segmenter:
             ),
             static_argnames=("flip",),
         )
+        self._compiled: dict[tuple, Any] = {}
+
+    def logits(self, image: np.ndarray, flip: bool) -> jax.Array:
+        """(1, h, w, K) logits of one (H, W, 3) view; compiled once per shape and flip."""
+        x = jnp.asarray(image)[None]
+        key = (x.shape, x.dtype, flip)
+        if key not in self._compiled:  # compiled ahead, then the compiler's memory released
+            self._compiled[key] = compile_for_inference(self.fn, self.variables, x, flip=flip)
+        return self._compiled[key](self.variables, x)
 
     def scores(self, views, label_hw: tuple[int, int]) -> jax.Array:
         """(Hb, Wb, K) scores at the bucket-padded label size: logits (one view) or summed softmax."""
@@ -122,7 +133,7 @@ class Segmenter:
         softmax = len(views) > 1
         total = None
         for _, flip, image in views:
-            logits = self.fn(self.variables, jnp.asarray(image)[None], flip=flip)
+            logits = self.logits(image, flip)
             taps_y = _label_taps(logits.shape[1], height)
             taps_x = _label_taps(logits.shape[2], width)
             out = _to_label(logits, taps_y, taps_x, softmax=softmax)

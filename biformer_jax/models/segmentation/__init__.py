@@ -28,13 +28,25 @@ from biformer_jax.models.segmentation.uper import UPerHead
 def _biformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
     # BiFormer_mm in the configs: the classifier variant at n_win 8 with auto_pad; padded regions
     # tie, and torch-style tie breaking picks the official region sets.
-    return dict(BIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, routing_ties="torch", drop_path_rate=drop_path_rate)
+    return dict(
+        BIFORMER_VARIANTS[variant],
+        n_win=8,
+        auto_pad=True,
+        routing_ties="torch",
+        drop_path_rate=drop_path_rate,
+        scan_blocks=True,
+    )
 
 
 def _debiformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
     # The release's segmentation debi_small / debi_base: n_win 8, auto_pad, topk -2 -> 49 regions.
     return dict(
-        DEBIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, all_regions_topk=49, drop_path_rate=drop_path_rate
+        DEBIFORMER_VARIANTS[variant],
+        n_win=8,
+        auto_pad=True,
+        all_regions_topk=49,
+        drop_path_rate=drop_path_rate,
+        scan_blocks=True,
     )
 
 
@@ -60,13 +72,20 @@ SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
     "upernet_debiformer_base": _upernet("debiformer", _debiformer("debiformer_base", 0.4)),
     # Test-only micro variants: every code path at 64x64 in seconds (n_win 2, narrow heads).
     "sfpn_biformer_micro": dict(
-        _sfpn("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)), channels=16, neck_channels=32
+        _sfpn("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True, scan_blocks=True)),
+        channels=16,
+        neck_channels=32,
     ),
     "upernet_biformer_micro": dict(
-        _upernet("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)), channels=32, aux_channels=16
+        _upernet("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True, scan_blocks=True)),
+        channels=32,
+        aux_channels=16,
     ),
     "sfpn_debiformer_micro": dict(
-        _sfpn("debiformer", dict(DEBIFORMER_VARIANTS["debiformer_micro"], auto_pad=True, all_regions_topk=3)),
+        _sfpn(
+            "debiformer",
+            dict(DEBIFORMER_VARIANTS["debiformer_micro"], auto_pad=True, all_regions_topk=3, scan_blocks=True),
+        ),
         channels=16,
         neck_channels=32,
     ),
