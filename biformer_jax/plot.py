@@ -13,7 +13,6 @@ import io
 import math
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from etils import epath
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 
+from biformer_jax.storage import as_path, write_atomically  # noqa: E402
 from biformer_jax.training import metrics as metrics_lib  # noqa: E402
 
 # (metric key, panel title); keys are matched case-insensitively, and for mIoU also any
@@ -39,7 +39,7 @@ def find_runs(workdirs: Sequence[str]) -> list[tuple[str, str]]:
     """(label, metrics.jsonl path) of every run under the given workdirs (local, gs://, s3://), in order."""
     runs: list[tuple[str, str]] = []
     for workdir in workdirs:
-        root = _as_path(workdir)
+        root = as_path(workdir)
         if not root.is_dir():
             raise FileNotFoundError(f"{workdir} is not a directory; pass train.py or sweep.py workdirs.")
         own = root / metrics_lib.METRICS_FILE
@@ -60,11 +60,6 @@ def find_runs(workdirs: Sequence[str]) -> list[tuple[str, str]]:
     if len(set(labels)) != len(labels):  # two workdirs with the same basename: use full paths
         runs = [(os.fspath(epath.Path(path).parent), path) for _, path in runs]
     return runs
-
-
-def _as_path(path: str) -> epath.Path:
-    """gs://, s3:// kept as they are; local paths made absolute (a run's label is its directory's name)."""
-    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _value(v: Any) -> float | None:
@@ -159,16 +154,8 @@ def save_figure(fig, out: str, dpi: int = 110) -> None:
     png = io.BytesIO()
     fig.savefig(png, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
-    target = _as_path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(png.getvalue())
-    try:
-        tmp.replace(target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    as_path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out, png.getvalue())
 
 
 if __name__ == "__main__":

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from biformer_jax import inference, models
-from biformer_jax.training.checkpoint import as_path
+from biformer_jax import inference, models, storage
+from biformer_jax.storage import as_path
 
 SPEC_FORMAT = "biformer_jax.export/1"
 CHECK_BATCHES = (1, 3)
@@ -154,7 +153,7 @@ def write_atomically(files: Mapping[str, bytes], *, overwrite: bool) -> None:
         for path, data in files.items():
             target = as_path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = storage.temporary_sibling(target)
             tmps[path] = tmp
             with tmp.open("wb") as f:
                 f.write(data)

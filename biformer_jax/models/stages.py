@@ -169,7 +169,7 @@ def scans_blocks(model: nn.Module, train: bool) -> bool:
     `visualize`) keep the unrolled blocks: drop path and `sow` need each block bound to the model.
     """
     return (
-        getattr(model, "scan_blocks", False)
+        model.scan_blocks
         and not train
         and not model.is_initializing()
         and not model.is_mutable_collection("intermediates")

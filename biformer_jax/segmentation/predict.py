@@ -14,6 +14,7 @@ unless --overwrite.
 
 from __future__ import annotations
 
+import io
 import sys
 
 import numpy as np
@@ -21,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
+from biformer_jax import storage
 from biformer_jax.data import ade20k_meta, seg_config, seg_transforms
 from biformer_jax.data.sources import IMAGE_EXTENSIONS, DatasetNotPreparedError
 from biformer_jax.segmentation.checkpoint_eval import load_model_and_variables
@@ -97,11 +99,9 @@ def predict_folder(
             (overlay_path, overlay(image, mask, opacity)),
             (labels_path, pred.astype(np.uint8)),
         ):
-            tmp = target.parent / f".{target.name}.tmp"  # written whole, then renamed: never half a file
-            with tmp.open("wb") as f:
-                Image.fromarray(array).save(f, format="PNG")
-            tmp.replace(target)
-            written.append(target)
+            png = io.BytesIO()
+            Image.fromarray(array).save(png, format="PNG")
+            written.append(storage.write_atomically(target, png.getvalue()))  # never half a file
     return written
 
 

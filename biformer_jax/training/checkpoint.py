@@ -41,6 +41,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 from biformer_jax.models.from_config import CheckpointMismatchError
+from biformer_jax.storage import as_path  # noqa: F401  (checkpoint.as_path: its callers' name for it)
 from biformer_jax.training.train_state import TrainState
 
 VARIABLES_FORMAT = "biformer_jax.variables/1"
@@ -81,16 +82,6 @@ class CheckpointRef:
 
 # ---------------------------------------------------------------------------------------
 # Finding and reading checkpoints
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """`path` as an epath.Path: gs://, s3:// and other URLs kept as they are, local paths made absolute.
-
-    Orbax wants absolute paths; `os.path.abspath` on a URL would turn `gs://b/x` into a local
-    `<cwd>/gs:/b/x`.
-    """
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _latest_step_dir(manager_dir: epath.Path) -> epath.Path | None:

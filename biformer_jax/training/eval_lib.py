@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from biformer_jax import data
+from biformer_jax import data, storage
 from biformer_jax.models.from_config import abstract_variables, model_from_config, model_meta
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 from biformer_jax.training import checkpoint, restore, sharding, steps
@@ -68,18 +67,10 @@ def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path
     Written to a temporary sibling and renamed over `path` (a previous result is replaced), so `path`
     is never half-written. Raises OSError (or the filesystem's error) where it cannot write.
     """
-    target = checkpoint.as_path(path)
+    target = storage.as_path(path)
     if target.is_dir():
         target = target / EVAL_RESULTS_FILE
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    try:
-        tmp.replace(target)  # epath's rename refuses an existing target: a re-evaluation replaces it
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return target
+    return storage.write_atomically(target, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
 def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:

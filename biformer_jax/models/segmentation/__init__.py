@@ -28,34 +28,28 @@ from biformer_jax.models.segmentation.uper import UPerHead
 def _biformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
     # BiFormer_mm in the configs: the classifier variant at n_win 8 with auto_pad; padded regions
     # tie, and torch-style tie breaking picks the official region sets.
-    return dict(
-        BIFORMER_VARIANTS[variant],
-        n_win=8,
-        auto_pad=True,
-        routing_ties="torch",
-        drop_path_rate=drop_path_rate,
-        scan_blocks=True,
-    )
+    return dict(BIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, routing_ties="torch", drop_path_rate=drop_path_rate)
 
 
 def _debiformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
     # The release's segmentation debi_small / debi_base: n_win 8, auto_pad, topk -2 -> 49 regions.
     return dict(
-        DEBIFORMER_VARIANTS[variant],
-        n_win=8,
-        auto_pad=True,
-        all_regions_topk=49,
-        drop_path_rate=drop_path_rate,
-        scan_blocks=True,
+        DEBIFORMER_VARIANTS[variant], n_win=8, auto_pad=True, all_regions_topk=49, drop_path_rate=drop_path_rate
     )
 
 
+def _segmentor(backbone: str, args: dict[str, Any], **heads: Any) -> dict[str, Any]:
+    # Every segmentation backbone scans its blocks at inference (stages.scanned_blocks): whole-image
+    # evaluation at 512 x 2048 compiles one block per stage and peaks at half the memory.
+    return dict(backbone=backbone, backbone_args=dict(args, scan_blocks=True), **heads)
+
+
 def _sfpn(backbone: str, args: dict[str, Any]) -> dict[str, Any]:
-    return dict(backbone=backbone, backbone_args=args, decode_head="fpn")
+    return _segmentor(backbone, args, decode_head="fpn")
 
 
 def _upernet(backbone: str, args: dict[str, Any]) -> dict[str, Any]:
-    return dict(backbone=backbone, backbone_args=args, decode_head="uper", auxiliary_head=True)
+    return _segmentor(backbone, args, decode_head="uper", auxiliary_head=True)
 
 
 # name -> EncoderDecoder arguments. Drop path rates are the configs' (BiFormer: sfpn S 0.15, B 0.3;
@@ -72,19 +66,19 @@ SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
     "upernet_debiformer_base": _upernet("debiformer", _debiformer("debiformer_base", 0.4)),
     # Test-only micro variants: every code path at 64x64 in seconds (n_win 2, narrow heads).
     "sfpn_biformer_micro": dict(
-        _sfpn("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True, scan_blocks=True)),
+        _sfpn("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)),
         channels=16,
         neck_channels=32,
     ),
     "upernet_biformer_micro": dict(
-        _upernet("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True, scan_blocks=True)),
+        _upernet("biformer", dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True)),
         channels=32,
         aux_channels=16,
     ),
     "sfpn_debiformer_micro": dict(
         _sfpn(
             "debiformer",
-            dict(DEBIFORMER_VARIANTS["debiformer_micro"], auto_pad=True, all_regions_topk=3, scan_blocks=True),
+            dict(DEBIFORMER_VARIANTS["debiformer_micro"], auto_pad=True, all_regions_topk=3),
         ),
         channels=16,
         neck_channels=32,
