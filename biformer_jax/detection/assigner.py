@@ -61,11 +61,18 @@ class MaxIoUAssigner:
         gt_labels: Optional[jax.Array] = None,
         gt_bboxes_ignore: Optional[jax.Array] = None,
         ignore_valid: Optional[jax.Array] = None,
+        bboxes_valid: Optional[jax.Array] = None,
     ) -> AssignResult:
         """`bboxes` (N, 4) anchors; `gt_bboxes` (G, 4) with `gt_valid` (G,) bool and optional
-        `gt_labels` (G,) int; optional ignore boxes (K, 4) with `ignore_valid` (K,)."""
+        `gt_labels` (G,) int; optional ignore boxes (K, 4) with `ignore_valid` (K,).
+
+        `bboxes_valid` (N,) bool masks anchors mmdet would drop before assigning (outside the
+        image's padded size): they get IoU -1, so they take no part in any maximum and are
+        neither positive nor negative."""
         overlaps = bbox_overlaps(gt_bboxes, bboxes)  # (G, N)
         overlaps = jnp.where(gt_valid[:, None], overlaps, -1.0)
+        if bboxes_valid is not None:
+            overlaps = jnp.where(bboxes_valid[None, :], overlaps, -1.0)
         if self.ignore_iof_thr > 0 and gt_bboxes_ignore is not None and gt_bboxes_ignore.shape[0] > 0:
             if ignore_valid is None:
                 ignore_valid = jnp.ones(gt_bboxes_ignore.shape[:1], bool)

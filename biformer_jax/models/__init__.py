@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from biformer_jax.models.biformer import BIFORMER_VARIANTS, BiFormer
 from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS, DeBiFormer
+from biformer_jax.models.detection import DETECTION_VARIANTS, build_detection_model
 from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS, EncoderDecoder, build_segmentation_model
 
 # name -> (module class, the official variant's constructor arguments)
@@ -21,7 +22,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 
 
 def list_models() -> list[str]:
-    return sorted([*_REGISTRY, *SEGMENTATION_VARIANTS])
+    return sorted([*_REGISTRY, *SEGMENTATION_VARIANTS, *DETECTION_VARIANTS])
 
 
 def _freeze(value: Any) -> Any:
@@ -55,11 +56,14 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     `create_model("biformer", **kwargs)` is the bare official `BiFormer(**kwargs)`, and
     `create_model("debiformer", **kwargs)` the released `DeBiFormer(**kwargs)`. Segmentation
-    models (`sfpn_biformer_small`, `upernet_debiformer_base`, ...) take their own arguments
-    and the backbone's (`biformer_jax.models.segmentation`).
+    models (`sfpn_biformer_small`, `upernet_debiformer_base`, ...) and detection models
+    (`retinanet_biformer_small`, ...) take their own arguments and the backbone's
+    (`biformer_jax.models.segmentation`, `biformer_jax.models.detection`).
     """
     if name in SEGMENTATION_VARIANTS:
         return build_segmentation_model(name, **overrides)
+    if name in DETECTION_VARIANTS:
+        return build_detection_model(name, **overrides)
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; available: {', '.join(list_models())}.")
     cls, defaults = _REGISTRY[name]

@@ -93,6 +93,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "sfpn_biformer_small": ("sfpn_biformer_small", {}),
     "upernet_biformer_small": ("upernet_biformer_small", {}),
     "sfpn_debiformer_small": ("sfpn_debiformer_small", {}),
+    # Detection cases (golden/README.md "Detection cases"): the official COCO configs' models.
+    "retinanet_biformer_small": ("retinanet_biformer_small", {}),
 }
 
 

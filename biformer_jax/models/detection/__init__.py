@@ -1,0 +1,117 @@
+"""Object detection: RetinaNet on BiFormer / DeBiFormer, as in the official COCO configs.
+
+    model = models.create_model("retinanet_biformer_small")  # 80 classes
+    cls_scores, bbox_preds = model.apply(variables, x_nhwc, train=False)
+    dets = retinanet.detect(model, variables, x_nhwc, image_sizes)
+
+`create_model` keyword overrides go to the `RetinaNet` when they name one of its fields
+(`num_classes`, `neck_start_level`, `add_extra_convs`, `test_cfg`, `dtype`, ...) and otherwise to
+the backbone (`drop_path_rate`, `n_win`, `depth`, ...; `dtype` and `param_dtype` reach both).
+
+DeBiFormer's released RetinaNet configs build mmdet's default FPN (`start_level=0`, no extra
+convs: levels at strides 4-64, the fifth by max-pool) under anchors of strides 8-128; the
+`retinanet_debiformer_*` models build exactly that. The BiFormer-style neck (`start_level=1`,
+`add_extra_convs='on_input'`: P3-P7 at strides 8-128) is one override away:
+`create_model("retinanet_debiformer_small", neck_start_level=1, add_extra_convs="on_input")`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from biformer_jax.models.biformer import BIFORMER_VARIANTS
+from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS
+from biformer_jax.models.detection import anchor_head, retinanet
+from biformer_jax.models.detection.fpn import DetFPN
+from biformer_jax.models.detection.retina_head import RetinaHead
+from biformer_jax.models.detection.retinanet import RetinaNet
+from biformer_jax.models.segmentation.backbone import BACKBONES
+
+
+def _biformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
+    # BiFormer_mm in the detection configs: n_win 16 with auto_pad (padded regions tie: torch-style
+    # tie breaking, as for segmentation); every segmentation-style backbone scans its blocks at inference.
+    return dict(
+        BIFORMER_VARIANTS[variant],
+        n_win=16,
+        auto_pad=True,
+        routing_ties="torch",
+        drop_path_rate=drop_path_rate,
+        scan_blocks=True,
+    )
+
+
+def _debiformer(variant: str, n_win: int) -> dict[str, Any]:
+    # The release's detection debi_small / debi_base: n_win 16 / 32, auto_pad, topk -2 -> 49 regions,
+    # drop path left at the class default 0 (the configs pass none).
+    return dict(
+        DEBIFORMER_VARIANTS[variant],
+        n_win=n_win,
+        auto_pad=True,
+        all_regions_topk=49,
+        drop_path_rate=0.0,
+        scan_blocks=True,
+    )
+
+
+_DEBI_NECK = dict(neck_start_level=0, add_extra_convs=False)
+
+DETECTION_VARIANTS: dict[str, dict[str, Any]] = {
+    "retinanet_biformer_small": dict(backbone="biformer", backbone_args=_biformer("biformer_small", 0.2)),
+    "retinanet_biformer_base": dict(backbone="biformer", backbone_args=_biformer("biformer_base", 0.3)),
+    "retinanet_debiformer_small": dict(
+        backbone="debiformer", backbone_args=_debiformer("debiformer_small", 16), **_DEBI_NECK
+    ),
+    "retinanet_debiformer_base": dict(
+        backbone="debiformer", backbone_args=_debiformer("debiformer_base", 32), **_DEBI_NECK
+    ),
+    # Test-only micro variant: every code path in seconds at 64x64 (n_win 2, narrow neck and head).
+    "retinanet_biformer_micro": dict(
+        backbone="biformer",
+        backbone_args=dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True),
+        neck_channels=16,
+        feat_channels=16,
+        stacked_convs=1,
+        num_classes=5,
+    ),
+}
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def build_detection_model(name: str, **overrides: Any) -> RetinaNet:
+    """`create_model` for the names of DETECTION_VARIANTS (overrides routed as the module says)."""
+    if name not in DETECTION_VARIANTS:
+        raise ValueError(f"Unknown detection model {name!r}; available: {', '.join(sorted(DETECTION_VARIANTS))}.")
+    spec = dict(DETECTION_VARIANTS[name])
+    backbone_args = dict(spec.pop("backbone_args"))
+    own = set(RetinaNet.__dataclass_fields__) - {"parent", "name", "backbone", "backbone_args"}
+    backbone_fields = set(BACKBONES[spec["backbone"]].__dataclass_fields__) - {"parent", "name", "features_only"}
+    unknown = sorted(set(overrides) - own - backbone_fields)
+    if unknown:
+        raise TypeError(
+            f"{name} got unknown argument(s) {unknown}; it takes {sorted(own)} and the backbone's "
+            f"{sorted(backbone_fields)}."
+        )
+    for key, value in overrides.items():
+        if key in own:
+            spec[key] = _freeze(value)
+        if key in backbone_fields and (key not in own or key in ("dtype", "param_dtype")):
+            backbone_args[key] = _freeze(value)
+    spec["backbone_args"] = tuple(sorted((k, _freeze(v)) for k, v in backbone_args.items()))
+    return RetinaNet(**spec)
+
+
+__all__ = [
+    "DETECTION_VARIANTS",
+    "DetFPN",
+    "RetinaHead",
+    "RetinaNet",
+    "anchor_head",
+    "build_detection_model",
+    "retinanet",
+]
