@@ -16,6 +16,7 @@ from biformer_jax.models.detection import DETECTION_VARIANTS, anchor_head, retin
 from biformer_jax.models.detection.retinanet import _frozen_batchnorm
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.models.layers import BatchNorm
+from biformer_jax.models.segmentation import init_backbone_from_classifier
 
 
 def n_params(tree) -> int:
@@ -43,6 +44,9 @@ def test_variants_build_and_official_parameter_count():
     assert (base.backbone_config["embed_dim"], base.backbone_config["drop_path_rate"]) == ((96, 192, 384, 768), 0.3)
     debi = models.create_model("retinanet_debiformer_small")
     assert (debi.neck_start_level, debi.add_extra_convs, debi.backbone_config["n_win"]) == (0, False, 16)
+    # its neck: 4 lateral 1x1 convs (64..512 -> 256) and 4 output 3x3 convs, no extra convs
+    laterals, outputs = (64 + 128 + 256 + 512) * 256 + 4 * 256, 4 * (9 * 256 * 256 + 256)
+    assert n_params(convert.abstract_variables(debi)["params"]["neck"]) == laterals + outputs
     with pytest.raises(TypeError, match="unknown argument"):
         models.create_model("retinanet_biformer_small", nonsense=1)
     with pytest.raises(ValueError, match="one stride per level"):
@@ -246,3 +250,24 @@ def test_entry_points_train_mode_norm_eval_and_gradients(micro):
     assert dets.boxes.shape == (2, 100, 4) and dets.count.shape == (2,) and dets.labels.dtype == jnp.int32
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         retinanet.detect(model, variables, x, image_sizes=jnp.array([64, 96]))
+
+
+def test_classifier_initialises_the_backbone_and_debiformer_neck_wiring():
+    # A classifier's arrays load into the detector's backbone by name (init_from); extra_norms,
+    # neck and head keep their initialisation. Shapes only: no compile.
+    det = models.create_model("retinanet_biformer_micro")
+    det_vars = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), convert.abstract_variables(det))
+    cls = models.create_model("biformer_micro", auto_pad=True, num_classes=5)
+    cls_vars = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), convert.abstract_variables(cls))
+    _, loaded, fresh = init_backbone_from_classifier(det_vars, cls_vars)
+    assert loaded and all("/backbone/" in p for p in loaded)
+    assert all(not p.split("/")[2].startswith("extra_norms") for p in loaded)
+    assert any("/neck/" in p for p in fresh) and any("/bbox_head/" in p for p in fresh)
+    # DeBiFormer's configs: FPN from level 0 without extra convs (strides 4-64) under anchors 8-128
+    debi_neck = models.create_model("retinanet_biformer_micro", neck_start_level=0, add_extra_convs=False)
+    x = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: debi_neck.init_with_output(jax.random.key(0), x)[0], x)
+    assert [c.shape[1:3] for c in shapes[0]] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    gen = debi_neck.anchor_generator
+    flags = gen.valid_flags([(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)], jnp.array([64, 96]))
+    assert int(flags[0].sum()) == 8 * 12 * 9  # mmdet: stride-8 anchors valid on ceil(64/8) x ceil(96/8) cells
