@@ -263,18 +263,17 @@ def test_nms_all_suppressed_empty_and_zero_area():
 
 
 def test_nms_threshold_compares_like_a_double():
-    # Two boxes whose float32 IoU is exactly float32(0.7) < 0.7: torchvision does not suppress.
-    a = np.array([[0, 0, 10, 10]], np.float32)
-    for w in np.linspace(7.0, 7.01, 200, dtype=np.float32):
-        b = np.array([[0, 0, w, 10]], np.float32)
-        iou = np.float32(np.float32(w * 10) / np.float32(np.float32(100) + np.float32(w * 10) - np.float32(w * 10)))
-        if iou == np.float32(0.7):
-            keep, count = batched_nms(
-                np.concatenate([a, b]), np.array([1.0, 0.9], np.float32), np.ones(2, bool), 0.7, 2
-            )
-            assert int(count) == (2 if float(iou) <= 0.7 else 1)
-            return
-    pytest.skip("no float32 width gives IoU float32(0.7) in the sweep")
+    # torchvision compares the float32 IoU with a C++ double threshold. float32(0.3) rounds up
+    # (0.30000001192...), so an IoU of exactly float32(0.3) = 30 / 100 is > 0.3 there: suppressed.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 3, 10]], np.float32)
+    assert np.float32(30) / np.float32(100) == np.float32(0.3) and float(np.float32(0.3)) > 0.3
+    keep, count = batched_nms(boxes, np.array([1.0, 0.9], np.float32), np.ones(2, bool), 0.3, 2)
+    assert int(count) == 1 and int(keep[0]) == 0
+    # float32(0.7) rounds down: an IoU of exactly float32(0.7) is not > 0.7, kept.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 7, 10]], np.float32)
+    assert np.float32(70) / np.float32(100) == np.float32(0.7) and float(np.float32(0.7)) < 0.7
+    keep, count = batched_nms(boxes, np.array([1.0, 0.9], np.float32), np.ones(2, bool), 0.7, 2)
+    assert int(count) == 2
 
 
 def test_multiclass_nms_against_mmdet_definition():

@@ -78,7 +78,10 @@ class AnchorGenerator:
         return np.stack([cx - half * ws, cy - half * hs, cx + half * ws, cy + half * hs], axis=-1)
 
     def grid_anchors(self, featmap_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Per level (H_l * W_l * A, 4) float32 anchors for feature maps of (H_l, W_l)."""
+        """Per level (H_l * W_l * A, 4) float32 anchors for feature maps of (H_l, W_l).
+
+        Static shapes: NumPy constants at trace time (they depend on the map sizes only).
+        """
         self._check_levels(featmap_sizes)
         out = []
         for level, (h, w) in enumerate(featmap_sizes):
@@ -94,7 +97,8 @@ class AnchorGenerator:
         """Per level (H_l * W_l * A,) bool: the anchor's cell lies within `ceil(pad / stride)`.
 
         `pad_hw`: (2,) int, one image's padded size (mmdet's `img_meta['pad_shape']`, before
-        the batch's own padding); may be traced.
+        the batch's own padding); may be traced. Static shapes: a mask over every anchor
+        instead of mmdet's per-image boolean indexing.
         """
         self._check_levels(featmap_sizes)
         out = []

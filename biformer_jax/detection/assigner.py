@@ -64,7 +64,8 @@ class MaxIoUAssigner:
         bboxes_valid: Optional[jax.Array] = None,
     ) -> AssignResult:
         """`bboxes` (N, 4) anchors; `gt_bboxes` (G, 4) with `gt_valid` (G,) bool and optional
-        `gt_labels` (G,) int; optional ignore boxes (K, 4) with `ignore_valid` (K,).
+        `gt_labels` (G,) int; optional ignore boxes (K, 4) with `ignore_valid` (K,). Static
+        shapes: padded boxes are masked to IoU -1 (see the module), not removed.
 
         `bboxes_valid` (N,) bool masks anchors mmdet would drop before assigning (outside the
         image's padded size): they get IoU -1, so they take no part in any maximum and are

@@ -14,7 +14,7 @@ MODES = ("iou", "iof")
 
 
 def box_area(boxes: jax.Array) -> jax.Array:
-    """(..., 4) -> (...): `(x2 - x1) * (y2 - y1)`."""
+    """(..., 4) -> (...): `(x2 - x1) * (y2 - y1)`. Static shapes: elementwise, unchanged."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
@@ -37,7 +37,10 @@ def bbox_overlaps(boxes1: jax.Array, boxes2: jax.Array, mode: str = "iou", eps: 
 
 
 def clip_boxes(boxes: jax.Array, height, width) -> jax.Array:
-    """Clamps x to [0, width] and y to [0, height] (mmdet's `clip_border`); sizes may be traced."""
+    """Clamps x to [0, width] and y to [0, height] (mmdet's `clip_border`).
+
+    Static shapes: elementwise, unchanged; the sizes may be traced (one per image under vmap).
+    """
     x = jnp.clip(boxes[..., 0::2], 0, width)
     y = jnp.clip(boxes[..., 1::2], 0, height)
     return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)

@@ -34,7 +34,10 @@ class DeltaXYWHBBoxCoder:
     clip_border: bool = True
 
     def encode(self, bboxes: jax.Array, gt_bboxes: jax.Array) -> jax.Array:
-        """(..., 4) reference boxes and (..., 4) targets -> (..., 4) normalised deltas."""
+        """(..., 4) reference boxes and (..., 4) targets -> (..., 4) normalised deltas.
+
+        Static shapes: elementwise, unchanged (padded rows give values the caller masks).
+        """
         px, py = (bboxes[..., 0] + bboxes[..., 2]) * 0.5, (bboxes[..., 1] + bboxes[..., 3]) * 0.5
         pw, ph = bboxes[..., 2] - bboxes[..., 0], bboxes[..., 3] - bboxes[..., 1]
         gx, gy = (gt_bboxes[..., 0] + gt_bboxes[..., 2]) * 0.5, (gt_bboxes[..., 1] + gt_bboxes[..., 3]) * 0.5
@@ -48,6 +51,7 @@ class DeltaXYWHBBoxCoder:
         """(..., 4) reference boxes and (..., 4k) deltas -> (..., 4k) boxes.
 
         `max_shape`: (height, width) to clip to (may be traced), or None for no clipping.
+        Static shapes: elementwise, unchanged.
         """
         k = deltas.shape[-1] // 4
         if deltas.shape[-1] != 4 * k or k == 0:

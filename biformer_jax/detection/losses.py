@@ -17,7 +17,7 @@ import jax.numpy as jnp
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0, alpha: float = 0.25) -> jax.Array:
     """Elementwise focal loss of logits (..., C) against {0, 1} targets (..., C) (one-hot,
     background all zeros): `BCE_with_logits(x, t) * (alpha t + (1 - alpha)(1 - t)) * pt**gamma`,
-    `pt = (1 - sigmoid(x)) t + sigmoid(x) (1 - t)`."""
+    `pt = (1 - sigmoid(x)) t + sigmoid(x) (1 - t)`. Static shapes: elementwise, unchanged."""
     x = logits.astype(jnp.float32)
     t = targets.astype(jnp.float32)
     p = jax.nn.sigmoid(x)
@@ -29,10 +29,13 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0
 
 
 def weighted_sum(loss: jax.Array, weight: jax.Array, avg_factor) -> jax.Array:
-    """mmdet's `weight_reduce_loss(loss, weight, 'mean', avg_factor)`: sum(loss * weight) / avg_factor."""
+    """mmdet's `weight_reduce_loss(loss, weight, 'mean', avg_factor)`: sum(loss * weight) / avg_factor.
+
+    Static shapes: padded entries carry weight 0 instead of being removed.
+    """
     return jnp.sum(loss * weight) / avg_factor
 
 
 def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """Elementwise `|pred - target|`."""
+    """Elementwise `|pred - target|`. Static shapes: unchanged."""
     return jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))

@@ -60,6 +60,7 @@ def batched_nms(
 
     Returns `(keep, count)`: (max_output,) int32 candidate indices by descending score (then
     ascending index), -1 past `count`. `groups` (M,) int (class or level ids), or None for one group.
+    Static shapes: at most `max_output` kept, computed in blocks of `block` (see the module).
     """
     m = boxes.shape[0]
     if m == 0 or max_output == 0:
@@ -147,6 +148,7 @@ def multiclass_nms(
     (M, C) scores (foreground classes only: drop a background column first); `valid` (M,).
 
     Candidates are the (box, class) pairs, box-major, with score > score_thr (float32 compare).
+    Static shapes: all M * C pairs stay, those under the threshold masked; `max_num` rows + count.
     """
     m, c = scores.shape
     if boxes.ndim == 2:
