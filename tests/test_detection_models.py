@@ -25,12 +25,13 @@ def n_params(tree) -> int:
 
 @pytest.fixture(scope="module")
 def micro():
-    """The micro model, its variables, an input batch and its eval outputs (compiled once)."""
+    """The micro model, its variables, an input batch, its eval outputs and `retinanet.detect`'s
+    detections (one compile: the two identical forward passes are one computation to XLA)."""
     model = models.create_model("retinanet_biformer_micro")
     x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-    return model, variables, x, outputs
+    outputs, dets = jax.jit(lambda v, x: (model.apply(v, x, train=False), retinanet.detect(model, v, x)))(variables, x)
+    return model, variables, x, outputs, dets
 
 
 def test_variants_build_and_official_parameter_count():
@@ -54,7 +55,7 @@ def test_variants_build_and_official_parameter_count():
 
 
 def test_outputs_and_head_init(micro):
-    model, variables, x, (cls_scores, bbox_preds) = micro
+    model, variables, x, (cls_scores, bbox_preds), dets = micro
     assert [c.shape for c in cls_scores] == [(2, 8, 12, 45), (2, 4, 6, 45), (2, 2, 3, 45), (2, 1, 2, 45), (2, 1, 1, 45)]
     assert [b.shape[-1] for b in bbox_preds] == [36] * 5
     head = variables["params"]["bbox_head"]
@@ -202,7 +203,7 @@ def ref_losses(cls_scores, bbox_preds, anchors_l, valid_l, gts, num_classes):
 
 
 def test_losses_against_dynamic_definition_with_padding_and_an_empty_image(micro):
-    model, variables, x, (cls_scores, bbox_preds) = micro
+    model, variables, x, (cls_scores, bbox_preds), dets = micro
     gb = np.zeros((2, 3, 4), np.float32)
     gl = np.zeros((2, 3), np.int32)
     gv = np.zeros((2, 3), bool)
@@ -226,7 +227,7 @@ def test_losses_against_dynamic_definition_with_padding_and_an_empty_image(micro
 
 
 def test_entry_points_train_mode_norm_eval_and_gradients(micro):
-    model, variables, x, (cls_scores, bbox_preds) = micro
+    model, variables, x, (cls_scores, bbox_preds), dets = micro
     gb = jnp.array([[[3, 4, 30, 40.0]], [[0, 0, 0, 0]]])
     gl, gv = jnp.array([[2], [0]]), jnp.array([[True], [False]])
     # train=True (drop path 0 in the micro variant): with the backbone's BatchNorm frozen (norm_eval)
@@ -246,7 +247,6 @@ def test_entry_points_train_mode_norm_eval_and_gradients(micro):
     gc, gbox = jax.jit(jax.grad(total, argnums=(0, 1)))(cls_scores, bbox_preds)
     assert all(np.isfinite(np.asarray(g)).all() for g in [*gc, *gbox])
     assert float(jnp.abs(gbox[0]).sum()) > 0 and float(jnp.abs(gc[-1]).sum()) > 0
-    dets = jax.jit(lambda v, x: retinanet.detect(model, v, x))(variables, x)
     assert dets.boxes.shape == (2, 100, 4) and dets.count.shape == (2,) and dets.labels.dtype == jnp.int32
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         retinanet.detect(model, variables, x, image_sizes=jnp.array([64, 96]))

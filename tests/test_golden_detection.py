@@ -25,20 +25,24 @@ nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731
 
 
 def match_detections(ref_boxes, ref_labels, boxes, scores, labels, score_tol=1e-3):
-    """How many reference (box, score) rows find their own port box: same label, IoU >= 0.99 (or
-    zero-area and within 0.01 px), |score difference| <= score_tol; one-to-one, best IoU first."""
+    """(matched, largest |score difference| among them, smallest IoU among them): reference (box,
+    score) rows that find their own port box: same label, IoU >= 0.99 (or zero-area and within
+    0.01 px), |score difference| <= score_tol; one-to-one, best IoU first."""
     used = np.zeros(len(boxes), bool)
     iou = np.asarray(bbox_overlaps(jnp.asarray(ref_boxes[:, :4]), jnp.asarray(boxes))) if len(boxes) else None
-    matched = 0
+    matched, worst_score, worst_iou = 0, 0.0, 1.0
     for i, (rb, rl) in enumerate(zip(ref_boxes, ref_labels)):
         ok = (labels == rl) & ~used & (np.abs(scores - rb[4]) <= score_tol)
         zero = (rb[2] - rb[0]) * (rb[3] - rb[1]) == 0
         close = np.all(np.abs(boxes - rb[:4]) <= 0.01, axis=1) if zero else iou[i] >= 0.99
         cand = np.flatnonzero(ok & close)
         if len(cand):
-            used[cand[np.argmax(iou[i][cand])]] = True
+            j = cand[np.argmax(iou[i][cand])]
+            used[j] = True
             matched += 1
-    return matched
+            worst_score = max(worst_score, abs(float(scores[j]) - float(rb[4])))
+            worst_iou = min(worst_iou, float(iou[i][j]))
+    return matched, worst_score, worst_iou
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +94,15 @@ def test_anchors(case):
 def test_detections(case):
     g, _, _, _, (*_, dets, _) = case
     matched = total = 0
+    worst_score, worst_iou = 0.0, 1.0
     for i in range(dets.count.shape[0]):
         k = int(dets.count[i])
         ref, ref_labels = g.data[f"det_bboxes/{i}"], g.data[f"det_labels/{i}"]
-        matched += match_detections(ref, ref_labels, dets.boxes[i, :k], dets.scores[i, :k], dets.labels[i, :k])
+        m, ws, wi = match_detections(ref, ref_labels, dets.boxes[i, :k], dets.scores[i, :k], dets.labels[i, :k])
+        matched, worst_score, worst_iou = matched + m, max(worst_score, ws), min(worst_iou, wi)
         total += len(ref)
         assert k == len(ref), f"image {i}: {k} detections, reference {len(ref)}"
-    print(CASE, f"detections matched {matched}/{total}")
+    print(CASE, f"detections matched {matched}/{total}, max |score diff| {worst_score:.1e}, min IoU {worst_iou:.6f}")
     assert matched >= 0.99 * total
 
 

@@ -188,8 +188,9 @@ def detect(
     them (resized input -> original image). Returns `Detections` with a batch axis:
     boxes (N, max_per_img, 4) as (x1, y1, x2, y2), scores, labels (-1 past count), count (N,).
     """
+    sizes = _input_sizes(x, image_sizes)  # checked before the forward pass
     cls_scores, bbox_preds = model.apply(variables, x, train=False)
-    return detections_from_outputs(model, cls_scores, bbox_preds, _input_sizes(x, image_sizes), scale_factors)
+    return detections_from_outputs(model, cls_scores, bbox_preds, sizes, scale_factors)
 
 
 def loss(
@@ -209,7 +210,6 @@ def loss(
     False); `pad_sizes` (N, 2) each image's padded size (default: the batch's size). With
     `train=True` drop path is active (pass `rngs={"drop_path": key}`); BatchNorm stays frozen.
     """
+    sizes = _input_sizes(x, pad_sizes)
     cls_scores, bbox_preds = model.apply(variables, x, train=train, rngs=rngs)
-    return losses_from_outputs(
-        model, cls_scores, bbox_preds, gt_bboxes, gt_labels, gt_valid, _input_sizes(x, pad_sizes)
-    )
+    return losses_from_outputs(model, cls_scores, bbox_preds, gt_bboxes, gt_labels, gt_valid, sizes)
