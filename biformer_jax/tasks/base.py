@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+import jax
 from etils import epath
 
 from biformer_jax import storage
@@ -71,6 +72,17 @@ class Task(Protocol):
     def predict_batch(self, model, variables, images) -> Any:
         """The model's answer for one batch of preprocessed images (N, H, W, 3): classification logits
         (N, K); segmentation logits (N, h, w, K). What predict.py, export and visualize apply."""
+
+
+def host_rows(config, start_step: int) -> dict[str, Any]:
+    """The train iterators' common arguments: this process's rows of the global batches from start_step."""
+    return {
+        "seed": config.seed,
+        "start_step": start_step,
+        "global_batch_size": config.global_batch_size,
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+    }
 
 
 def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path:

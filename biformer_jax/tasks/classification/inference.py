@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from biformer_jax import tasks
 from biformer_jax.data.classification import transforms
 from biformer_jax.data.record import IMAGENET_PREPROCESS, Preprocess, class_names_of, imagenet_class_names
+from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from biformer_jax.tasks.classification.task import ClassificationTask
 from biformer_jax.training import checkpoint, loader
 
+TASK = ClassificationTask()  # what predict.py and export apply: TASK.predict_batch
 SEGMENTATION_INSTEAD = "predict with `python -m biformer_jax.segmentation.predict --config=configs/seg/...`"
 
 # Model options that change how, not what, the model computes; an inference caller may override them.
@@ -49,7 +51,7 @@ class Loaded:
     class_names: list[str]
     checkpoint: str
     preprocess_source: str  # where the preprocessing came from, for the user
-    task: Any = None  # the checkpoint's task (tasks.for_record): its predict_batch is the forward pass
+    task: Any = TASK  # the checkpoint's task: its predict_batch is the forward pass
 
     @property
     def num_classes(self) -> int:
@@ -116,10 +118,11 @@ def load(
     Raises InferenceInputError for anything the caller can fix.
     """
     ref, meta = _model_meta(path)
-    try:
-        task = tasks.require(meta, "classification", where=str(ref.path), instead=SEGMENTATION_INSTEAD)
-    except ValueError as e:
-        raise InferenceInputError(str(e)) from None
+    if meta.get("model") in SEGMENTATION_VARIANTS:  # tasks.for_record's test, without the registry above us
+        raise InferenceInputError(
+            f"{ref.path}: the checkpoint is a segmentation model ({meta['model']!r}), and this takes "
+            f"classification checkpoints; {SEGMENTATION_INSTEAD}."
+        )
     overrides = dict(model_overrides or {})
     bad = sorted(set(overrides) - set(IMPL_OPTIONS))
     if bad:
@@ -153,7 +156,7 @@ def load(
         class_names=names,
         checkpoint=str(ref.path),
         preprocess_source=source,
-        task=task,
+        task=TASK,
     )
 
 

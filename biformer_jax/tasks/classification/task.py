@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from biformer_jax import data
 from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
+from biformer_jax.tasks.base import host_rows
 from biformer_jax.tasks.classification import evaluate, steps
 from biformer_jax.training import checkpoint, optim, restore
 
@@ -85,15 +86,7 @@ class ClassificationTask:
         return bind_train_step(config, model, tx, schedule, info.num_classes)
 
     def train_iterator(self, config, start_step: int):
-        return data.train_iterator(
-            config.data,
-            seed=config.seed,
-            start_step=start_step,
-            global_batch_size=config.global_batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            epoch_steps=config.steps_per_epoch,
-        )
+        return data.train_iterator(config.data, **host_rows(config, start_step), epoch_steps=config.steps_per_epoch)
 
     def make_evaluator(self, config, run):
         eval_step = evaluate.make_eval_step(run.model, run.mesh, run.shardings.variables)

@@ -20,6 +20,7 @@ from biformer_jax.data.segmentation import pipeline as seg_pipeline
 from biformer_jax.data.segmentation import sources as seg_sources
 from biformer_jax.models import from_config
 from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from biformer_jax.tasks.base import host_rows
 from biformer_jax.tasks.segmentation import checkpoint_eval
 from biformer_jax.tasks.segmentation import evaluate as seg_evaluate
 from biformer_jax.tasks.segmentation import init as seg_init
@@ -68,14 +69,7 @@ def bind_train_step(config, model, tx, schedule):
 
 
 def train_iterator(config, start_step: int):
-    return seg_pipeline.seg_train_iterator(
-        config.data,
-        seed=config.seed,
-        start_step=start_step,
-        global_batch_size=config.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    return seg_pipeline.seg_train_iterator(config.data, **host_rows(config, start_step))
 
 
 def evaluate(model, variables, config, desc: str) -> dict[str, float]:
