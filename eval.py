@@ -17,11 +17,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import cli, data
-from biformer_jax.data.seg_sources import SegDataError
+from biformer_jax import cli, data, tasks
+from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
-from biformer_jax.segmentation import checkpoint_eval, task
-from biformer_jax.training import checkpoint, eval_lib
+from biformer_jax.training import checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -41,10 +40,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoint.quiet_orbax_logging()
     try:
-        if task.is_segmentation(_CONFIG.value):
-            results = checkpoint_eval.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
-        else:
-            results = eval_lib.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+        results = tasks.get(_CONFIG.value).evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
     except (
         data.DatasetNotPreparedError,
         checkpoint.CheckpointError,
@@ -59,7 +55,7 @@ def main(argv):
     output = _OUTPUT.value or results["checkpoint"]
     if jax.process_index() == 0 and output.lower() != "none":
         try:
-            eval_lib.write_results(output, results)
+            tasks.write_results(output, results)
         except Exception as e:  # noqa: BLE001  (read-only, removed, remote: the result is printed above)
             print(
                 f"warning: could not write the results to {output} ({type(e).__name__}: {e}); they are the JSON "

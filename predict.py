@@ -16,8 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from biformer_jax import inference
-from biformer_jax.inference import predict as predict_lib
+from biformer_jax.tasks.classification import inference
+from biformer_jax.tasks.classification import predict as predict_lib
 from biformer_jax.training import checkpoint
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory or train.py workdir.")

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from biformer_jax import cli
+from biformer_jax import cli, tasks
 from biformer_jax.training import checkpoint, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +25,11 @@ _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep(h).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory: one sub-directory per run.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only list the runs.")
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
+
+
+def _train(config, workdir: str):
+    """One run of the sweep, as its config's task."""
+    return train_lib.train_and_evaluate(config, workdir, tasks.get(config))
 
 
 def main(argv):
@@ -38,7 +43,7 @@ def main(argv):
     if _DRY_RUN.value:
         print("\n".join(sweeps.run_name(p) for p in points))
         return
-    rows = sweeps.run_sweep(_CONFIG.value, points, _WORKDIR.value, train_lib.train_and_evaluate)
+    rows = sweeps.run_sweep(_CONFIG.value, points, _WORKDIR.value, _train)
     md_path, _ = sweeps.write_summary(_WORKDIR.value, rows)
     print(epath.Path(md_path).read_text(), flush=True)
     failed = [row["run"] for row in rows if row["status"] != "ok"]

@@ -16,8 +16,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from biformer_jax import cli, data
-from biformer_jax.data.seg_sources import SegDataError
+from biformer_jax import cli, data, tasks
+from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.training import checkpoint, distributed, preemption, train_lib
 
@@ -52,7 +52,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     logging.info("JAX devices: %s", jax.devices())
     try:
-        metrics = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        metrics = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, tasks.get(_CONFIG.value))
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         raise  # SystemExit(0)

@@ -31,6 +31,7 @@ def main() -> None:
 
     import numpy as np
 
+    from biformer_jax import tasks
     from biformer_jax.training import metrics as metrics_lib
     from biformer_jax.training import train_lib
     from configs import quickstart
@@ -46,7 +47,7 @@ def main() -> None:
         config.lock()
         workdir = os.path.join(args.workdir, dtype)
         t0 = time.perf_counter()
-        finals[dtype] = train_lib.train_and_evaluate(config, workdir)
+        finals[dtype] = train_lib.train_and_evaluate(config, workdir, tasks.get(config))
         times[dtype] = time.perf_counter() - t0
         records = metrics_lib.read_jsonl(os.path.join(workdir, metrics_lib.METRICS_FILE))
         losses[dtype] = {s: r["train/loss"] for s, r in records.items() if "train/loss" in r}

@@ -54,12 +54,13 @@ def main() -> None:
     from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
     from biformer_jax.models import from_config
+    from biformer_jax.tasks.classification import task as classification
     from biformer_jax.training import sharding, train_lib
 
     config = _load_config(args.config)
     # The trainer's model, optimiser and initial state (the schedule's length changes no shape).
     model = from_config.model_from_config(config, args.num_classes)
-    tx, _, _ = train_lib.make_optimizer(config, steps_per_epoch=1000)
+    tx, _, _ = classification.make_optimizer(config, steps_per_epoch=1000)
     init_fn = train_lib.make_init_fn(config, model, tx, args.image_size)
     seed = np.int32(0)
     abstract = jax.eval_shape(init_fn, seed)

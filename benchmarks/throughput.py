@@ -35,6 +35,7 @@ from timing import DTYPES, CompiledBench, alternate_rounds  # noqa: E402  (bench
 
 from biformer_jax import models  # noqa: E402
 from biformer_jax.ops.routed_attention import IMPLS  # noqa: E402
+from biformer_jax.tasks.classification import task as classification  # noqa: E402
 from biformer_jax.training import train_lib  # noqa: E402
 from configs import common  # noqa: E402
 
@@ -96,12 +97,12 @@ def build_train(model, images: jax.Array, labels: jax.Array, config):
     """The trainer's state and step for `model`, as train_lib builds them, jitted with the state donated.
 
     Returns (state, step, batch): `step(state, batch)` -> (state, metrics) is
-    `biformer_jax.training.steps.train_step` with the recipe's optimiser, schedule,
-    mixup/cutmix and EMA bound (`train_lib.bind_train_step`), on one device.
+    `biformer_jax.tasks.classification.steps.train_step` with the recipe's optimiser, schedule,
+    mixup/cutmix and EMA bound (`classification.bind_train_step`), on one device.
     """
-    tx, schedule, _ = train_lib.make_optimizer(config, STEPS_PER_EPOCH)
+    tx, schedule, _ = classification.make_optimizer(config, STEPS_PER_EPOCH)
     state = jax.jit(train_lib.make_init_fn(config, model, tx, images.shape[1]))(np.int32(config.seed))
-    step = jax.jit(train_lib.bind_train_step(config, model, tx, schedule, model.num_classes), donate_argnums=0)
+    step = jax.jit(classification.bind_train_step(config, model, tx, schedule, model.num_classes), donate_argnums=0)
     return state, step, {"image": images, "label": labels}
 
 

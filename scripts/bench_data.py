@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from biformer_jax import data
-    from biformer_jax.data import pipeline, sources, transforms
+    from biformer_jax.data import pipeline, sources
+    from biformer_jax.data.classification import transforms
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from support import train_testlib
 
-from biformer_jax import models
+from biformer_jax import models, tasks
 from biformer_jax.models import from_config, spec
-from biformer_jax.training import checkpoint, eval_lib, restore, train_lib
+from biformer_jax.tasks.classification import evaluate as eval_lib
+from biformer_jax.training import checkpoint, restore, train_lib
 from biformer_jax.training.train_state import TrainState
 
 MICRO = {"model": "biformer_micro", "model_kwargs": {"depth": [1, 1, 1, 1], "num_classes": 10}}
@@ -250,9 +251,8 @@ def test_resume_init_from_and_eval_stop_on_another_architecture(tmp_path):
             train_testlib.micro_config(resume=str(tmp_path / "run")), empty, None, None, None, meta=meta
         )
     with pytest.raises(restore.ArchitectureMismatchError, match="init_from_overrides"):  # config.init_from
-        train_lib.initial_state(
-            train_testlib.micro_config(init_from=str(tmp_path / "run")), empty, None, None, None, meta=meta
-        )
+        ft_config = train_testlib.micro_config(init_from=str(tmp_path / "run"))
+        train_lib.initial_state(ft_config, empty, None, None, None, task=tasks.get(ft_config), meta=meta)
     empty.close()
     with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # eval.py
         eval_lib.evaluate_checkpoint(config, str(tmp_path / "run"))

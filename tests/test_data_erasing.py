@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from biformer_jax.data import erasing
+from biformer_jax.data.classification import erasing
 
 
 def _spec_area_fractions(rng, n, height, width, min_area=0.02, max_area=1 / 3, min_aspect=0.3):

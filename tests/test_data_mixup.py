@@ -105,7 +105,7 @@ def test_disabled_mixup_returns_images_and_smoothed_one_hot():
 def test_beta_sampler_matches_the_beta_distribution():
     from scipy import stats
 
-    from biformer_jax.data.mixup import sample_beta
+    from biformer_jax.data.classification.mixup import sample_beta
 
     for alpha in (0.8, 1.0):  # the recipe's; 0.8 < 1 also runs the boost branch
         x = np.asarray(jax.jit(lambda k, a=alpha: sample_beta(k, a, 20000))(jax.random.key(1)))

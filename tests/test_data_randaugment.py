@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from biformer_jax.data import randaugment
-from biformer_jax.data.randaugment import RandAugment, apply_op
+from biformer_jax.data.classification import randaugment
+from biformer_jax.data.classification.randaugment import RandAugment, apply_op
 
 
 def _image(seed=0, size=(40, 30)):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from biformer_jax import data
-from biformer_jax.data import transforms
+from biformer_jax.data.classification import transforms
 
 
 def _noise_image(width, height, seed=0):

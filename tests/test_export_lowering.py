@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from biformer_jax import data, models
+from biformer_jax import data, models, tasks
 from biformer_jax.training import sharding, train_lib
 
 KERNEL_CALLS = ("mosaic_gpu_v2", "tpu_custom_call")
@@ -77,7 +77,7 @@ def test_biformer_s_sharded_training_step_exports_for_tpu_and_cuda(monkeypatch):
     # No dataset here: the sizes ImageNet-1K would report.
     info = data.DatasetInfo(num_classes=1000, num_train_examples=1281167, num_eval_examples=50000, image_size=224)
     monkeypatch.setattr(train_lib.data, "dataset_info", lambda cfg: info)
-    run = train_lib.setup(config, devices=jax.devices()[:8])
+    run = train_lib.setup(config, tasks.get(config), devices=jax.devices()[:8])
     step = train_lib.make_train_step(config, run)
     batch_sharding = sharding.batch_sharding(run.mesh)
     b = config.global_batch_size

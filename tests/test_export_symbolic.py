@@ -17,10 +17,11 @@ import pytest
 from jax import export as jax_export
 from support import train_testlib
 
-from biformer_jax import inference, models
+from biformer_jax import models
 from biformer_jax.convert import files as convert_files
 from biformer_jax.export import common
 from biformer_jax.export import stablehlo as stablehlo_export
+from biformer_jax.tasks.classification import inference
 from biformer_jax.training import checkpoint
 
 ROOT = train_testlib.ROOT

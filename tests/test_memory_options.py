@@ -12,8 +12,10 @@ import optax
 import pytest
 from support import train_testlib
 
+from biformer_jax import tasks
 from biformer_jax.models import from_config
-from biformer_jax.training import steps, train_lib
+from biformer_jax.tasks.classification import steps
+from biformer_jax.training import train_lib
 from biformer_jax.training.train_state import init_train_state
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -93,7 +95,7 @@ def test_bf16_compute_keeps_float32_state_and_logits():
     rel = float(jnp.linalg.norm(logits_16_eval - logits_32) / jnp.linalg.norm(logits_32))
     assert 0 < rel < 0.05, rel  # bf16 really used (not 0), and close
 
-    run = train_lib.setup(config, devices=jax.devices()[:1])
+    run = train_lib.setup(config, tasks.get(config), devices=jax.devices()[:1])
     dtypes = {x.dtype for x in jax.tree.leaves((run.abstract.params, run.abstract.opt_state, run.abstract.batch_stats))}
     assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}, dtypes
 

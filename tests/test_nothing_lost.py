@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 from support import train_testlib
 
-from biformer_jax import data, models
+from biformer_jax import data, models, tasks
 from biformer_jax.convert import files as convert_files
 from biformer_jax.data import sources
-from biformer_jax.training import eval_lib, sweeps
+from biformer_jax.training import sweeps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,7 +84,7 @@ def test_eval_py_prints_its_result_even_where_it_cannot_write_it(tmp_path):
     assert 0.0 <= result["top1"] <= 1.0 and result["checkpoint"] == str(ckpt)
     assert f"warning: could not write the results to {tmp_path / 'a_file' / 'results.json'}" in proc.stderr
     assert "--output" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (ckpt / eval_lib.EVAL_RESULTS_FILE).exists()
+    assert not (ckpt / tasks.EVAL_RESULTS_FILE).exists()
 
     proc = run(tmp_path / "results.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,14 +112,14 @@ def test_eval_py_reports_a_checkpoint_of_the_wrong_format_in_one_line(tmp_path):
 
 
 def test_write_results_is_complete_or_absent(tmp_path):
-    target = eval_lib.write_results(tmp_path, {"top1": 0.5})
-    assert target == tmp_path / eval_lib.EVAL_RESULTS_FILE and json.loads(target.read_text()) == {"top1": 0.5}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [eval_lib.EVAL_RESULTS_FILE]  # no temporary left
-    eval_lib.write_results(tmp_path, {"top1": 0.75})  # a second evaluation replaces the first
+    target = tasks.write_results(tmp_path, {"top1": 0.5})
+    assert target == tmp_path / tasks.EVAL_RESULTS_FILE and json.loads(target.read_text()) == {"top1": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tasks.EVAL_RESULTS_FILE]  # no temporary left
+    tasks.write_results(tmp_path, {"top1": 0.75})  # a second evaluation replaces the first
     assert json.loads(target.read_text()) == {"top1": 0.75}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [eval_lib.EVAL_RESULTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tasks.EVAL_RESULTS_FILE]
     with pytest.raises(OSError):
-        eval_lib.write_results(tmp_path / "missing_dir" / "r.json", {"top1": 0.5})
+        tasks.write_results(tmp_path / "missing_dir" / "r.json", {"top1": 0.5})
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_sweep_py_exits_non_zero_when_a_run_failed(tmp_path):
     harness.write_text(
         "import json, os, runpy, sys\n"
         "from biformer_jax.training import train_lib\n"
-        "def fake(config, workdir):\n"
+        "def fake(config, workdir, task):\n"
         "    if config.optim.lr < 0:\n"
         "        raise ValueError('lr must be positive')\n"
         "    os.makedirs(workdir, exist_ok=True)\n"

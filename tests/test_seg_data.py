@@ -5,7 +5,11 @@ import pytest
 from PIL import Image
 from support.segmentation import write_mini_ade
 
-from biformer_jax.data import seg_config, seg_pipeline, seg_sources, seg_transforms, shapes
+from biformer_jax.data.segmentation import config as seg_config
+from biformer_jax.data.segmentation import pipeline as seg_pipeline
+from biformer_jax.data.segmentation import shapes
+from biformer_jax.data.segmentation import sources as seg_sources
+from biformer_jax.data.segmentation import transforms as seg_transforms
 from biformer_jax.data.sources import DatasetNotPreparedError
 
 

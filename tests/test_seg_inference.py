@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from support.segmentation import StandInSeg
 
-from biformer_jax.data import seg_config
-from biformer_jax.segmentation import inference
+from biformer_jax.data.segmentation import config as seg_config
+from biformer_jax.tasks.segmentation import inference
 
 
 class KnownSeg(nn.Module):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from biformer_jax.models.from_config import CheckpointMismatchError
-from biformer_jax.segmentation.init import merge_weights
+from biformer_jax.tasks.segmentation.init import merge_weights
 
 
 def z(*shape):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from biformer_jax.segmentation import metrics
+from biformer_jax.tasks.segmentation import metrics
 
 # 5 classes; 255 = ignore. Class 2 is predicted on a labelled pixel but never labelled; class 3 is
 # predicted only on ignored pixels (so it does not count); class 4 appears nowhere.

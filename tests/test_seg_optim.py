@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from biformer_jax.segmentation import optim
+from biformer_jax.tasks.segmentation import optim
 from configs.seg import sfpn_biformer_s, upernet_biformer_s
 
 

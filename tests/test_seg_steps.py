@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from support.segmentation import StandInSeg
 
-from biformer_jax.segmentation import optim, steps
+from biformer_jax.tasks.segmentation import optim, steps
 from biformer_jax.training.train_state import init_train_state
 
 

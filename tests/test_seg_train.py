@@ -12,8 +12,11 @@ import pytest
 from PIL import Image
 from support.segmentation import write_mini_ade
 
-from biformer_jax.data import ade20k_meta, seg_config, seg_prepare
-from biformer_jax.segmentation import checkpoint_eval, predict
+from biformer_jax import tasks
+from biformer_jax.data.segmentation import ade20k_meta
+from biformer_jax.data.segmentation import config as seg_config
+from biformer_jax.data.segmentation import prepare as seg_prepare
+from biformer_jax.tasks.segmentation import checkpoint_eval, predict
 from biformer_jax.training import checkpoint, train_lib
 from configs.seg import sfpn_biformer_s
 
@@ -75,7 +78,7 @@ def test_prepare_lists_every_bad_example(tmp_path):
 
 def test_train_resume_eval_and_predict(tmp_path, mini_ade):
     config = micro_config(mini_ade)
-    straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"), tasks.get(config))
     assert {"eval/mIoU", "eval/mAcc", "eval/aAcc"} <= set(straight)
     assert 0.0 <= straight["eval/mIoU"] <= 1.0
 
@@ -83,7 +86,7 @@ def test_train_resume_eval_and_predict(tmp_path, mini_ade):
     # uninterrupted one did, weight for weight.
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "2", tmp_path / "resumed" / "checkpoints" / "2")
-    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), tasks.get(config))
     a = checkpoint.load_variables(checkpoint.resolve(tmp_path / "straight"))
     b = checkpoint.load_variables(checkpoint.resolve(tmp_path / "resumed"))
     assert checkpoint.resolve(tmp_path / "resumed").step == 4

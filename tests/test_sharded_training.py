@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from support import train_testlib
 
-from biformer_jax import data
+from biformer_jax import data, tasks
 from biformer_jax.training import checkpoint, sharding, train_lib
 
 NUM_STEPS = 3
@@ -41,10 +41,10 @@ def _config(data_axis: int, fsdp_axis: int, **overrides):
 
 def _train(config, num_devices: int, tmp_path):
     """(per-step losses, final state, the Setup) of NUM_STEPS steps on the first num_devices devices."""
-    run = train_lib.setup(config, devices=jax.devices()[:num_devices])
+    run = train_lib.setup(config, tasks.get(config), devices=jax.devices()[:num_devices])
     manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
     try:
-        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     finally:
         manager.close()
     train_step = train_lib.make_train_step(config, run)
@@ -125,10 +125,10 @@ def test_sharded_run_at_the_production_eps_has_the_same_losses(tmp_path_factory)
 
 def test_state_is_created_sharded_and_donated(tmp_path):
     config = _config(2, 4)
-    run = train_lib.setup(config)
+    run = train_lib.setup(config, tasks.get(config))
     manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
     try:
-        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     finally:
         manager.close()
     # Created by jit(init, out_shardings=...): every leaf already has its rule's sharding.
@@ -153,7 +153,7 @@ def test_checkpoint_of_sharded_state_saves_without_compiling_and_restores(tmp_pa
     slicing program per array and device: the first save() took ~9 s to return on this mesh)
     and restores bit-exactly onto the same shardings."""
     config = _config(2, 4)
-    run = train_lib.setup(config)
+    run = train_lib.setup(config, tasks.get(config))
     manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
     compiles = []
 
@@ -162,7 +162,7 @@ def test_checkpoint_of_sharded_state_saves_without_compiling_and_restores(tmp_pa
             compiles.append(duration)
 
     try:
-        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
         jax.block_until_ready(state)
         jax.monitoring.register_event_duration_secs_listener(on_event)
         try:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from support import train_testlib
 
-from biformer_jax import data, models
+from biformer_jax import data, models, tasks
 from biformer_jax.convert import files as convert_files
-from biformer_jax.training import checkpoint, eval_lib, restore, sweeps, train_lib
+from biformer_jax.tasks.classification import evaluate as eval_lib
+from biformer_jax.training import checkpoint, restore, sweeps, train_lib
 from biformer_jax.training import metrics as metrics_lib
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -27,7 +28,7 @@ def _losses(workdir) -> dict[int, float]:
 
 def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_config):
     workdir = tmp_path / "run"
-    final = train_lib.train_and_evaluate(micro_config(), workdir)
+    final = train_lib.train_and_evaluate(micro_config(), workdir, tasks.get(micro_config()))
 
     assert set(final) == {f"{p}/{m}" for p in ("eval", "eval_ema") for m in ("top1", "top5", "loss")}
     assert all(0.0 <= final[f"{p}/top1"] <= final[f"{p}/top5"] <= 1.0 for p in ("eval", "eval_ema"))
@@ -48,9 +49,9 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_
     assert results["top1"] == pytest.approx(final["eval/top1"]) and results["ema"]["top1"] == pytest.approx(
         final["eval_ema/top1"]
     )
-    assert not (ref.path / eval_lib.EVAL_RESULTS_FILE).exists()  # eval.py prints first, then writes
-    eval_lib.write_results(ref.path, results)
-    assert json.loads((ref.path / eval_lib.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
+    assert not (ref.path / tasks.EVAL_RESULTS_FILE).exists()  # eval.py prints first, then writes
+    tasks.write_results(ref.path, results)
+    assert json.loads((ref.path / tasks.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
 
 
 def _converter_meta(**model_kwargs) -> dict:
@@ -96,7 +97,7 @@ def test_eval_py_evaluates_a_converted_checkpoint_and_prints_json_last(tmp_path,
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and np.isfinite(result["loss"])
     assert result["num_examples"] == data.dataset_info(micro_config().data).num_eval_examples
     assert "ema" not in result  # a converter checkpoint holds one set of weights
-    assert json.loads((tmp_path / "converted" / eval_lib.EVAL_RESULTS_FILE).read_text()) == result
+    assert json.loads((tmp_path / "converted" / tasks.EVAL_RESULTS_FILE).read_text()) == result
     # The same numbers in process, through the converter's own reader of that directory.
     loaded, meta = convert_files.load_converted(tmp_path / "converted")
     assert meta["model"] == "biformer_micro"
@@ -111,7 +112,7 @@ class Preempted(Exception):
 
 def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, imagenet_micro_config):
     config = imagenet_micro_config()
-    train_lib.train_and_evaluate(config, tmp_path / "straight")
+    train_lib.train_and_evaluate(config, tmp_path / "straight", tasks.get(config))
 
     real_iterator = data.train_iterator
 
@@ -123,10 +124,10 @@ def test_interrupted_run_resumes_with_identical_losses(tmp_path, monkeypatch, im
 
     monkeypatch.setattr(data, "train_iterator", dies_after_five)
     with pytest.raises(Preempted):
-        train_lib.train_and_evaluate(config, tmp_path / "resumed")
+        train_lib.train_and_evaluate(config, tmp_path / "resumed", tasks.get(config))
     assert checkpoint.resolve(tmp_path / "resumed").step == 4  # steps 5 was lost with the "host"
     monkeypatch.setattr(data, "train_iterator", real_iterator)
-    train_lib.train_and_evaluate(config, tmp_path / "resumed")  # the same command again
+    train_lib.train_and_evaluate(config, tmp_path / "resumed", tasks.get(config))  # the same command again
 
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
@@ -147,7 +148,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(data, "train_iterator", nan_at_step_three)
     workdir = tmp_path / "nan"
     with pytest.raises(train_lib.NonFiniteLossError, match=r"between steps 3 and 3.*last good checkpoint \(step 2\)"):
-        train_lib.train_and_evaluate(micro_config(), workdir)
+        train_lib.train_and_evaluate(micro_config(), workdir, tasks.get(micro_config()))
     assert checkpoint.resolve(workdir).step == 2
     variables = checkpoint.load_variables(workdir)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
@@ -162,10 +163,10 @@ def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog, 
     config.unlock()
     config.init_from = str(tmp_path / "pretrained")
     config.lock()
-    run = train_lib.setup(config)
+    run = train_lib.setup(config, tasks.get(config))
     manager = checkpoint.create_manager(tmp_path / "ft", config.checkpoint, best_metric="")
     with caplog.at_level("WARNING"):
-        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings)
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     manager.close()
     assert "head is re-initialised" in caplog.text
     assert state.params["head"]["kernel"].shape == (128, 10)
@@ -187,11 +188,11 @@ def test_checkpoint_of_another_model_lists_the_mismatches(tmp_path, micro_config
     convert_files.save_converted(tmp_path / "other", variables, _converter_meta(embed_dim=[8, 32, 64, 128]))
     config = micro_config(init_from=str(tmp_path / "other"))
     with pytest.raises(restore.ArchitectureMismatchError, match=r"embed_dim: checkpoint \[8, 32, 64, 128\]"):
-        train_lib.train_and_evaluate(config, tmp_path / "ft")
+        train_lib.train_and_evaluate(config, tmp_path / "ft", tasks.get(config))
     # Differences named in init_from_overrides pass the architecture check, not the shape check.
     config = micro_config(init_from=str(tmp_path / "other"), init_from_overrides=("embed_dim",))
     with pytest.raises(checkpoint.CheckpointMismatchError) as err:
-        train_lib.train_and_evaluate(config, tmp_path / "ft")
+        train_lib.train_and_evaluate(config, tmp_path / "ft", tasks.get(config))
     message = str(err.value)
     assert "wrong shape" in message
     assert "params/downsample_layers_0/0/kernel: checkpoint (3, 3, 3, 4), model (3, 3, 3, 8)" in message
@@ -205,7 +206,9 @@ def test_sweep_runs_every_point_and_writes_a_summary(tmp_path, micro_config):
     points = sweeps.load_sweep(sweep_file)
     assert points == [{"seed": 0}, {"seed": 1}]
     config = micro_config()  # the other tests' step count: their compiled step is reused
-    rows = sweeps.run_sweep(config, points, str(tmp_path / "root"), train_lib.train_and_evaluate)
+    rows = sweeps.run_sweep(
+        config, points, str(tmp_path / "root"), lambda c, w: train_lib.train_and_evaluate(c, w, tasks.get(c))
+    )
     assert [r["run"] for r in rows] == ["seed=0", "seed=1"] and all(r["status"] == "ok" for r in rows)
     assert all(0.0 <= r["eval/top1"] <= 1.0 and r["step"] == 4 for r in rows)
     assert _losses(tmp_path / "root" / "seed=0")[1] != _losses(tmp_path / "root" / "seed=1")[1]

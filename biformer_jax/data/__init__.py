@@ -22,8 +22,8 @@ embedded digits), `steps_per_epoch(num_train_examples, B)`, `num_eval_batches(N,
 `DatasetNotPreparedError`, `smooth_one_hot`.
 """
 
+from biformer_jax.data.classification.mixup import mixup_cutmix, smooth_one_hot
 from biformer_jax.data.config import default_config, default_mixup_config, digits_config
-from biformer_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from biformer_jax.data.pipeline import eval_iterator, num_eval_batches, steps_per_epoch, train_iterator
 from biformer_jax.data.prepare import prepare_dataset
 from biformer_jax.data.sources import DatasetInfo, DatasetNotPreparedError, dataset_info

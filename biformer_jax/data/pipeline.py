@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from biformer_jax.data import sources, transforms
+from biformer_jax.data import sources
+from biformer_jax.data.classification import transforms
 
 # Salts that keep the random streams of the epoch order and of the augmentations apart.
 _EPOCH_SALT = 0x0E90C
@@ -127,20 +128,38 @@ def _host_rows(global_batch_size: int, process_index: int, process_count: int) -
 
 
 class TrainBatch:
-    """Step -> this host's rows of that step: {'image': float32 (b, S, S, 3), 'label': int32 (b,)}."""
+    """Step -> this host's rows of that step: row r is `example_fn(record, example_rng(seed, step, r))`.
 
-    def __init__(self, source, transform, sampler: TrainSampler, seed: int, rows: range):
-        self.source, self.transform, self.sampler, self.seed, self.rows = source, transform, sampler, seed, rows
+    `example_fn` maps one source record and its generator to {key: array}; the rows are stacked
+    by key with `dtypes` ({key: dtype}, the keys a batch holds). Classification: {'image':
+    float32 (b, S, S, 3), 'label': int32 (b,)}; segmentation: 'label' int32 (b, h, w); a task
+    with more targets (boxes, masks) adds keys.
+    """
+
+    def __init__(self, source, example_fn, sampler: TrainSampler, seed: int, rows: range, dtypes: dict):
+        self.source, self.example_fn, self.sampler, self.seed, self.rows = source, example_fn, sampler, seed, rows
+        self.dtypes = dict(dtypes)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         step = int(step)
         records = self.sampler.records(step)[self.rows.start : self.rows.stop]
         examples = self.source.read([int(r) for r in records])
-        images = [self.transform(img, example_rng(self.seed, step, row)) for row, (img, _) in zip(self.rows, examples)]
-        return {
-            "image": np.stack(images).astype(np.float32, copy=False),
-            "label": np.asarray([label for _, label in examples], np.int32),
-        }
+        out = [self.example_fn(ex, example_rng(self.seed, step, row)) for row, ex in zip(self.rows, examples)]
+        return {key: np.stack([o[key] for o in out]).astype(dtype, copy=False) for key, dtype in self.dtypes.items()}
+
+
+class ClassifiedExample:
+    """(PIL image, int label), rng -> {'image': transform(image, rng), 'label': label}."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, example, rng: np.random.Generator) -> dict:
+        img, label = example
+        return {"image": self.transform(img, rng), "label": label}
+
+
+CLASSIFICATION_DTYPES = {"image": np.float32, "label": np.int32}
 
 
 class EvalBatch:
@@ -200,12 +219,46 @@ def train_iterator(
 
     `epoch_steps` (config.steps_per_epoch): steps per epoch when > 0, else `steps_per_epoch`'s.
     """
+    return train_batches(
+        cfg,
+        lambda: sources.open_source(cfg, "train")[0],
+        ClassifiedExample(transforms.TrainTransform(cfg)),
+        CLASSIFICATION_DTYPES,
+        seed=seed,
+        start_step=start_step,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        repeats=cfg.repeated_aug,
+        epoch_steps=epoch_steps,
+    )
+
+
+def train_batches(
+    cfg: ml_collections.ConfigDict,
+    open_source,
+    example_fn,
+    dtypes: dict,
+    *,
+    seed: int,
+    start_step: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    repeats: int = 1,
+    epoch_steps: int = -1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Any task's train iterator: `TrainBatch`es of `open_source()` from global step start_step on.
+
+    `example_fn` and `dtypes` as TrainBatch takes them; `repeats` (repeated augmentation) and
+    `epoch_steps` as TrainSampler takes them; cfg's threads / prefetch / workers run it.
+    """
     rows = _host_rows(global_batch_size, process_index, process_count)
     if start_step < 0 or seed < 0:
         raise ValueError(f"seed and start_step must be >= 0, got seed={seed}, start_step={start_step}.")
-    source, _ = sources.open_source(cfg, "train")
-    sampler = TrainSampler(len(source), global_batch_size, cfg.repeated_aug, seed, epoch_steps)
-    make_batch = TrainBatch(source, transforms.TrainTransform(cfg), sampler, seed, rows)
+    source = open_source()
+    sampler = TrainSampler(len(source), global_batch_size, repeats, seed, epoch_steps)
+    make_batch = TrainBatch(source, example_fn, sampler, seed, rows, dtypes)
     return _run(grain.MapDataset.range(start_step, _MAX_STEPS).map(make_batch), cfg)
 
 

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _prepare_segmentation(args) -> None:
-    from biformer_jax.data import seg_config, seg_prepare
+    from biformer_jax.data.segmentation import config as seg_config
+    from biformer_jax.data.segmentation import prepare as seg_prepare
 
     cfg = seg_config.default_seg_config()
     cfg.name, cfg.root = args.name, args.root

@@ -1,7 +1,7 @@
 """What a checkpoint records about its input: the eval preprocessing and the class names.
 
 train.py stores `data_record(config.data)` in every checkpoint's meta as "data", so predict.py
-and the exporter (biformer_jax.inference) can read any image without the run's config.
+and the exporter (biformer_jax.tasks.classification.inference) can read any image without the run's config.
 """
 
 from __future__ import annotations

@@ -68,6 +68,19 @@ class ArraySource:
         return [(Image.fromarray(self.images[i], "RGB"), int(self.labels[i])) for i in indices]
 
 
+class ArrayPairSource:
+    """In-memory inputs and targets read as they are: e.g. images (N, H, W, 3) uint8, label maps (N, H, W) uint8."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.images[int(i)], self.labels[int(i)]) for i in indices]
+
+
 class FileSource:
     """Image files on disk (any PIL format) with their labels.
 

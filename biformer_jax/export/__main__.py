@@ -19,8 +19,8 @@ import argparse
 import json
 import sys
 
-from biformer_jax import inference
 from biformer_jax.export import common
+from biformer_jax.tasks.classification import inference
 from biformer_jax.training import checkpoint
 
 FORMATS = ("stablehlo", "onnx")

@@ -10,8 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from biformer_jax import inference, models, storage
+from biformer_jax import models, storage
 from biformer_jax.storage import as_path
+from biformer_jax.tasks.classification import inference
 
 SPEC_FORMAT = "biformer_jax.export/1"
 CHECK_BATCHES = (1, 3)
@@ -32,10 +33,10 @@ class ExportError(RuntimeError):
 def serving_fn(loaded: inference.Loaded) -> Callable[[jax.Array], jax.Array]:
     """images (N, S, S, 3) float32 NHWC, preprocessed -> logits (N, classes) float32; weights baked in."""
     variables = jax.tree.map(np.asarray, loaded.variables)
-    model = loaded.model
+    model, task = loaded.model, loaded.task
 
     def logits(images):
-        return model.apply(variables, images, train=False)
+        return task.predict_batch(model, variables, images)
 
     return logits
 

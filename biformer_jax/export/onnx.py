@@ -22,8 +22,8 @@ import re
 import traceback
 from typing import Any
 
-from biformer_jax import inference
 from biformer_jax.export import common
+from biformer_jax.tasks.classification import inference
 
 TOLERANCE = 1e-4  # relative L2 error of the logits against model.apply (onnxruntime, float32)
 OPSET = 23

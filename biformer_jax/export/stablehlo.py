@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from biformer_jax import inference
 from biformer_jax.export import common
 from biformer_jax.models import DeBiFormer
+from biformer_jax.tasks.classification import inference
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 TOLERANCE = 1e-6  # relative L2 error of the logits against model.apply, float32

@@ -67,13 +67,15 @@ def model_meta(config, num_classes: int) -> dict[str, Any]:
     return {"model": config.model, "model_kwargs": kwargs}
 
 
-def dummy_input(model, image_size: int | None = None) -> jax.ShapeDtypeStruct:
-    """A (1, H, W, C) input for shape inference; without `image_size`, one every registered model accepts."""
+def dummy_input(model, image_size: int | Sequence[int] | None = None) -> jax.ShapeDtypeStruct:
+    """A (1, H, W, C) input for shape inference: `image_size` is H = W or (H, W); without it, a
+    square every registered model accepts."""
     side = image_size if image_size is not None else 32 * getattr(model, "n_win", 7)
-    return jax.ShapeDtypeStruct((1, side, side, getattr(model, "in_chans", 3)), jnp.float32)
+    h, w = (side, side) if isinstance(side, int) else (int(side[0]), int(side[1]))
+    return jax.ShapeDtypeStruct((1, h, w, getattr(model, "in_chans", 3)), jnp.float32)
 
 
-def abstract_variables(model, image_size: int | None = None) -> dict[str, Any]:
-    """{"params", "batch_stats"} of `model` as ShapeDtypeStructs (no compute), at `image_size` if given."""
+def abstract_variables(model, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """{"params", "batch_stats"} of `model` as ShapeDtypeStructs (no compute), at `image_size` (H or (H, W))."""
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy_input(model, image_size))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -1,1 +1,1 @@
-"""Semantic segmentation: mmseg-exact metrics, whole/slide/aug inference, the train step, schedules."""
+"""The former home of the segmentation task (now biformer_jax.tasks.segmentation); kept for its CLI path."""

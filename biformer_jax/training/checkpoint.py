@@ -262,21 +262,27 @@ def init_variables_from(path: str | os.PathLike, state: TrainState, shardings: T
     elif model_head is None:
         loaded["params"].pop("head", None)
 
+    state = with_variables(state, {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})}, shardings)
+    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
+    return state
+
+
+def with_variables(state: TrainState, variables: Mapping[str, Any], shardings: TrainState) -> TrainState:
+    """`state` with host `variables` ({"params", "batch_stats"}, the state's tree) as its weights and EMA.
+
+    The arrays are cast to the state's dtypes and placed by `shardings` (what init_from does once
+    it has the weights it will start from, for every task).
+    """
+
     def place(value, like, leaf_sharding):
         value = np.asarray(value, dtype=like.dtype)
         return jax.make_array_from_callback(value.shape, leaf_sharding, lambda index: value[index])
 
-    variables = jax.tree.map(
-        place,
-        {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})},
-        state.variables,
-        shardings.variables,
-    )
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    placed = jax.tree.map(place, dict(variables), state.variables, shardings.variables)
+    state = state.replace(params=placed["params"], batch_stats=placed["batch_stats"])
     if state.has_ema:
-        ema = jax.tree.map(lambda x: x.copy(), variables)
+        ema = jax.tree.map(lambda x: x.copy(), placed)
         state = state.replace(ema_params=ema["params"], ema_batch_stats=ema["batch_stats"])
-    logging.info("Initialised the weights from %s (%s checkpoint).", ref.path, ref.kind)
     return state
 
 

@@ -1,7 +1,9 @@
-"""The train and eval steps: top-level pure functions, their dependencies passed as arguments.
+"""What every task's train step shares: top-level pure functions, dependencies passed as arguments.
 
-`train_lib` binds the keyword arguments with functools.partial and jits them over the mesh, the
-state donated. Nothing here reads a config or a global.
+`step_rngs` (the step's keys), `loss_and_grads` (a task's loss and gradients over the whole batch or
+accumulated over micro-batches) and `apply_gradients` (AdamW, EMA, the finite guard). A task's
+train step (tasks/<task>/steps.py) is built from them; `train_lib` binds it with functools.partial
+and jits it over the mesh, the state donated. Nothing here reads a config or a global.
 """
 
 from __future__ import annotations
@@ -16,13 +18,8 @@ import optax
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, ema_update
 
-# (rng, images, labels) -> (images, soft targets (B, num_classes)); data.mixup_cutmix, bound.
-MixFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-
-
-def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """timm's SoftTargetCrossEntropy per example: -sum(targets * log_softmax(logits)). (B,)"""
-    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+# (params, batch_stats, inputs, rngs) -> (mean loss, updated batch_stats, grads) of one (micro-)batch.
+LossAndGrads = Callable[[Any, Any, Any, dict[str, jax.Array]], tuple[jax.Array, Any, Any]]
 
 
 def step_rngs(state: TrainState) -> dict[str, jax.Array]:
@@ -32,23 +29,19 @@ def step_rngs(state: TrainState) -> dict[str, jax.Array]:
     return {"mix": mix, "dropout": dropout, "drop_path": drop_path}
 
 
-def _loss_and_grads(params, batch_stats, images, targets, rngs, model) -> tuple[jax.Array, Any, Any]:
-    """(mean loss, updated batch_stats, grads) of one (micro-)batch in train mode."""
+def loss_and_grads(state: TrainState, inputs: Any, rngs: dict[str, jax.Array], *, fn: LossAndGrads, k: int = 1):
+    """(loss, batch_stats, grads) of `fn` on `inputs` (a tree of arrays with the batch first).
 
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
-        )
-        return soft_target_cross_entropy(logits, targets).mean(), updates["batch_stats"]
-
-    (loss, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, new_batch_stats, grads
-
-
-def _accumulated_loss_and_grads(state: TrainState, images, targets, rngs, *, model, k: int):
-    """loss_and_grads averaged over k micro-batches, summed in a lax.scan (BatchNorm state threaded)."""
-    if images.shape[0] % k:
-        raise ValueError(f"grad_accum_steps={k} does not divide the batch of {images.shape[0]}.")
+    With k > 1: averaged over k micro-batches of B / k rows, summed in a lax.scan (activation
+    memory of one micro-batch; BatchNorm state threaded, so each micro-batch is normalised with
+    its own statistics and the running statistics update k times, as PyTorch does with
+    accumulation). Micro-batch j draws its keys as fold_in(key, j).
+    """
+    if k == 1:
+        return fn(state.params, state.batch_stats, inputs, rngs)
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    if batch % k:
+        raise ValueError(f"grad_accum_steps={k} does not divide the batch of {batch}.")
 
     def split(x):
         # Micro-batch j is rows j, j + k, j + 2k, ...: every micro-batch stays spread over all the
@@ -57,16 +50,14 @@ def _accumulated_loss_and_grads(state: TrainState, images, targets, rngs, *, mod
 
     def body(carry, xs):
         batch_stats, loss_sum, grad_sum = carry
-        j, micro_images, micro_targets = xs
+        j, micro_inputs = xs
         micro_rngs = {name: jax.random.fold_in(key, j) for name, key in rngs.items()}
-        loss, batch_stats, grads = _loss_and_grads(
-            state.params, batch_stats, micro_images, micro_targets, micro_rngs, model
-        )
+        loss, batch_stats, grads = fn(state.params, batch_stats, micro_inputs, micro_rngs)
         return (batch_stats, loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (state.batch_stats, jnp.zeros((), jnp.float32), zeros)
-    (batch_stats, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), split(images), split(targets)))
+    (batch_stats, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), jax.tree.map(split, inputs)))
     grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
     return loss_sum / k, batch_stats, grads
 
@@ -105,53 +96,3 @@ def apply_gradients(
         nonfinite=(~finite).astype(jnp.float32),
     )
     return new, metrics
-
-
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    model,
-    tx: optax.GradientTransformation,
-    schedule: Callable[[jax.Array], jax.Array],
-    mix_fn: MixFn,
-    ema_decay: float,
-    grad_accum_steps: int = 1,
-) -> tuple[TrainState, metrics_lib.TrainMetrics]:
-    """One optimisation step on a global batch {"image": (B, H, W, C), "label": (B,)}.
-
-    With `grad_accum_steps` = k > 1 the batch is processed as k micro-batches of B / k images in
-    a `lax.scan` (activation memory of one micro-batch) and their mean gradient is applied once:
-    the same update as the full batch, except that BatchNorm normalises each micro-batch with its
-    own statistics and updates its running statistics k times (as PyTorch does with
-    accumulation). Mixup/CutMix is drawn once for the whole batch.
-
-    A non-finite loss or gradient leaves the state untouched (step included) and is counted in
-    the returned metrics, so the host can stop with the last good state and checkpoint.
-    """
-    rngs = step_rngs(state)
-    images, targets = mix_fn(rngs["mix"], batch["image"], batch["label"])
-    model_rngs = {"dropout": rngs["dropout"], "drop_path": rngs["drop_path"]}
-    if grad_accum_steps == 1:
-        loss, batch_stats, grads = _loss_and_grads(state.params, state.batch_stats, images, targets, model_rngs, model)
-    else:
-        loss, batch_stats, grads = _accumulated_loss_and_grads(
-            state, images, targets, model_rngs, model=model, k=grad_accum_steps
-        )
-    return apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule, ema_decay=ema_decay)
-
-
-def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array], *, model) -> metrics_lib.EvalMetrics:
-    """Loss, top-1 and top-5 of one global eval batch {"image", "label", "mask"} (mask 0 = padding)."""
-    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
-    labels = batch["label"]
-    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]  # (B,)
-    # top-k by rank: the label is in the top k when fewer than k logits beat it.
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)  # (B, 1)
-    rank = jnp.sum(logits > label_logit, axis=-1)  # (B,)
-    return metrics_lib.EvalMetrics.single_from_model_output(
-        loss=loss,
-        top1=(rank < 1).astype(jnp.float32),
-        top5=(rank < 5).astype(jnp.float32),
-        mask=batch["mask"] > 0,
-    )

@@ -1,13 +1,17 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train_and_evaluate(config, workdir, task)`, one loop for every task.
+
+The task (`biformer_jax.tasks.get(config)`, handed in by train.py / sweep.py) supplies the data,
+the schedule, the optimiser, the train step, the evaluation and init_from (tasks/base.py); this
+module never asks which task it runs.
 
 Setup, in order: mesh -> dataset info -> model, optimiser, schedule -> abstract state
 (`jax.eval_shape`) -> shardings -> initial state, created or restored already sharded. The
 initial state comes from, in this order (the first that exists wins): the workdir's own latest
 checkpoint (preemption / restart), `config.resume` (another run's train checkpoint),
-`config.init_from` (weights only: a converter or train checkpoint; a classifier of another size is
-re-initialised), else a fresh initialisation from `config.seed`.
+`config.init_from` (weights only, as the task merges them: `Task.init_from`), else a fresh
+initialisation from `config.seed`.
 
-The loop runs the jitted `steps.train_step` (state donated) on global batches built from this
+The loop runs the task's jitted train step (state donated) on global batches built from this
 host's slice, logs train metrics every `log_every_steps`, evaluates the raw and EMA weights every
 `eval_every_steps`, and saves asynchronously every `checkpoint.every_steps` and at the end. A
 non-finite loss stops the run (`NonFiniteLossError`) before anything bad is saved.
@@ -26,29 +30,15 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from biformer_jax import data
-from biformer_jax.data.record import data_record
 from biformer_jax.models import from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.segmentation import task as seg_task
-from biformer_jax.training import checkpoint, eval_lib, optim, preemption, restore, sharding, steps
+from biformer_jax.training import checkpoint, preemption, restore, sharding
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; the run stopped with its last good checkpoint kept."""
-
-
-def _schedule_lengths(config, num_train_examples: int) -> tuple[int, int]:
-    """(steps_per_epoch, total_steps) from the config and the dataset size."""
-    # The sampler's epoch too (train_iterator gets config.steps_per_epoch): one definition.
-    steps_per_epoch = data.steps_per_epoch(
-        num_train_examples, config.global_batch_size, config.steps_per_epoch, config.data.repeated_aug
-    )
-    if config.num_train_steps > 0:
-        return steps_per_epoch, int(config.num_train_steps)
-    return steps_per_epoch, int((config.num_epochs + config.optim.cooldown_epochs) * steps_per_epoch)
 
 
 def _every(value: int, default: int) -> int:
@@ -62,16 +52,24 @@ def _init_compiler_options() -> dict[str, Any]:
 
 
 def initial_state(
-    config, manager, init_fn, abstract: TrainState, shardings: TrainState, *, meta: dict[str, Any] | None = None
+    config,
+    manager,
+    init_fn,
+    abstract: TrainState,
+    shardings: TrainState,
+    *,
+    task=None,
+    meta: dict[str, Any] | None = None,
 ) -> TrainState:
     """The run's first state, by the resume order: workdir, config.resume, config.init_from, scratch.
 
-    `meta` is the config's model record (`Setup.meta`; computed when not given). Every source is
-    checked against it first: a checkpoint of another architecture stops the run with the list of
-    differences (`restore.ArchitectureMismatchError`).
+    `meta` is the config's model record (`Setup.meta`; computed by `task` when not given). Every
+    source is checked against it first: a checkpoint of another architecture stops the run with
+    the list of differences (`restore.ArchitectureMismatchError`). `task` (tasks.base.Task) merges
+    config.init_from's weights; it is needed only when config.init_from is set or `meta` is not given.
     """
     if meta is None:
-        meta = from_config.model_meta(config, data.dataset_info(config.data).num_classes)
+        meta = _record(config, task, task.dataset_info(config))
     restore.check_own_checkpoint(config, manager, meta)  # before anything is read or compiled
     abstract_sharded = sharding.with_shardings(abstract, shardings)
     state = restore.restore_latest(manager, abstract_sharded)
@@ -82,22 +80,23 @@ def initial_state(
         ref = restore.resume_ref(config, meta)
         logging.info("Resuming from config.resume=%s (step %s).", ref.path, ref.step)
         return checkpoint.restore_train_state(ref, abstract_sharded)
-    # Checked before the compile; a segmentation run's init_from is merged by name instead (seg_task.init_from).
-    init_ref = (
-        restore.init_from_ref(config, meta) if config.init_from and not seg_task.is_segmentation(config) else None
-    )
+    if config.init_from and task is None:
+        raise ValueError("config.init_from is set: initial_state needs the task that merges its weights (task=).")
+    load_weights = task.init_from(config, meta) if config.init_from else None  # checked before the compile
     # The seed is an argument, not a constant, so runs that differ only in seed share one compile.
     seed = np.int32(config.seed)
     state = (
         jax.jit(init_fn, out_shardings=shardings).lower(seed).compile(compiler_options=_init_compiler_options())(seed)
     )
-    if config.init_from and seg_task.is_segmentation(config):
-        # A classifier's backbone or a segmentation checkpoint, merged by name (the log lists what loaded).
-        return seg_task.init_from(config, state, shardings)
-    if init_ref is not None:
-        return checkpoint.init_variables_from(init_ref.path, state, shardings)
+    if load_weights is not None:
+        return load_weights(state, shardings)
     logging.info("Starting from scratch (seed %d).", config.seed)
     return state
+
+
+def _record(config, task, info) -> dict[str, Any]:
+    """What checkpoints record: the task's model record and the resume path this workdir started from."""
+    return {**task.model_meta(config, info), "resume": config.resume}
 
 
 def _hparams(config) -> dict[str, Any]:
@@ -125,7 +124,8 @@ class Setup:
     """Everything a run derives from its config before touching the workdir."""
 
     mesh: Any
-    info: Any  # data.DatasetInfo (segmentation: SegDatasetInfo)
+    task: Any  # tasks.base.Task
+    info: Any  # the task's dataset_info
     model: Any
     meta: dict[str, Any]  # what checkpoints record about the model
     tx: Any
@@ -138,34 +138,26 @@ class Setup:
     shardings: TrainState
 
 
-def setup(config, devices: list | None = None) -> Setup:
-    """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state."""
+def setup(config, task, devices: list | None = None) -> Setup:
+    """Mesh (over `devices`, default all), dataset info, model, optimiser, schedule, abstract sharded state.
+
+    `task`: the run's tasks.base.Task (`biformer_jax.tasks.get(config)`).
+    """
     mesh = sharding.create_mesh(config.mesh, devices)
-    seg = seg_task.is_segmentation(config)
-    info = seg_task.dataset_info(config) if seg else data.dataset_info(config.data)
+    info = task.dataset_info(config)
     model = from_config.model_from_config(config, info.num_classes)
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_grad_accum(config.global_batch_size, config.grad_accum_steps, mesh)
-    if seg:  # iteration-based: mmcv's schedules over config.num_train_steps
-        steps_per_epoch, total_steps = seg_task.schedule_lengths(config, info)
-        tx, schedule, base_lr = seg_task.make_optimizer(config, total_steps)
-    else:
-        steps_per_epoch, total_steps = _schedule_lengths(config, info.num_train_examples)
-        tx, schedule, base_lr = make_optimizer(config, steps_per_epoch)
+    steps_per_epoch, total_steps = task.schedule_lengths(config, info)
+    tx, schedule, base_lr = task.make_optimizer(config, steps_per_epoch, total_steps)
     init_fn = make_init_fn(config, model, tx, info.image_size)
     abstract = jax.eval_shape(init_fn, np.int32(config.seed))
     return Setup(
         mesh=mesh,
+        task=task,
         info=info,
         model=model,
-        # The model, its input for predict.py / export (data.record: eval preprocessing, class names),
-        # and the resume path this workdir started from.
-        meta={
-            **from_config.model_meta(config, info.num_classes),
-            # predict.py / export read classification checkpoints only.
-            **({} if seg_task.is_segmentation(config) else {"data": data_record(config.data)}),
-            "resume": config.resume,
-        },
+        meta=_record(config, task, info),
         tx=tx,
         schedule=schedule,
         base_lr=base_lr,
@@ -175,15 +167,6 @@ def setup(config, devices: list | None = None) -> Setup:
         abstract=abstract,
         shardings=sharding.state_shardings(abstract, mesh, config.sharding.fsdp_min_size),
     )
-
-
-def make_optimizer(config, steps_per_epoch: int):
-    """(tx, schedule, base_lr): config.optim's optimiser and learning-rate schedule at the global batch size."""
-    base_lr = optim.scaled_learning_rate(config.optim, config.global_batch_size)
-    schedule = optim.lr_schedule(
-        config.optim, base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs
-    )
-    return optim.create_optimizer(config.optim, schedule), schedule, base_lr
 
 
 def make_init_fn(config, model, tx, image_size):
@@ -198,33 +181,13 @@ def make_init_fn(config, model, tx, image_size):
     )
 
 
-def bind_train_step(config, model, tx, schedule, num_classes: int):
-    """`steps.train_step` with the config's mixup/cutmix, EMA and accumulation: (state, batch) -> (state, metrics).
-
-    Not jitted: `make_train_step` jits it over a run's mesh; the benchmarks jit it as it is.
-    """
-    mix_fn = functools.partial(data.mixup_cutmix, num_classes=num_classes, cfg=config.mixup)
-    return functools.partial(
-        steps.train_step,
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        mix_fn=mix_fn,
-        ema_decay=config.ema_decay,
-        grad_accum_steps=int(config.grad_accum_steps),
-    )
-
-
 def make_train_step(config, run: Setup):
-    """`bind_train_step` for the run, jitted over its mesh: (state, batch) -> (state, metrics).
+    """The task's train step for the run, jitted over its mesh: (state, batch) -> (state, metrics).
 
     The state keeps its (FSDP or replicated) shardings in and out and is donated, so the update
     happens in place; the batch is split over every device; the metrics come back replicated.
     """
-    if seg_task.is_segmentation(config):
-        step_fn = seg_task.bind_train_step(config, run.model, run.tx, run.schedule)
-    else:
-        step_fn = bind_train_step(config, run.model, run.tx, run.schedule, run.info.num_classes)
+    step_fn = run.task.bind_train_step(config, run.model, run.tx, run.schedule, run.info)
     return jax.jit(
         # Pallas kernels shard_map over the batch: they need the mesh at trace time
         kernels_see_mesh(step_fn, run.mesh),
@@ -234,13 +197,14 @@ def make_train_step(config, run: Setup):
     )
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains config.model on config.data in `workdir`; returns the final eval metrics.
+def train_and_evaluate(config, workdir: str, task) -> dict[str, float]:
+    """Trains config.model on config.data in `workdir` as `task` (tasks.get(config)); returns the final eval metrics.
 
-    The returned dict holds "eval/top1", "eval/top5", "eval/loss" (and "eval_ema/..." with EMA).
+    The returned dict holds the task's metrics prefixed "eval/" (classification: "eval/top1",
+    "eval/top5", "eval/loss"; segmentation: "eval/mIoU", ...) and "eval_ema/..." with EMA.
     """
     workdir = checkpoint.as_path(workdir)  # gs://, s3:// or local (made absolute: Orbax needs that)
-    run = setup(config)
+    run = setup(config, task)
     workdir.mkdir(parents=True, exist_ok=True)
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
     manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
@@ -254,7 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
     mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
-    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, meta=run.meta)
+    state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task, meta=run.meta)
     first_step = int(jax.device_get(state.step))
 
     writer = metrics_lib.create_writer(workdir, process_index=jax.process_index())
@@ -276,20 +240,8 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         return _last_eval(workdir, first_step)
 
     train_step = make_train_step(config, run)
-    seg = seg_task.is_segmentation(config)
-    if seg:
-        eval_step, train_iter = None, seg_task.train_iterator(config, first_step)
-    else:
-        eval_step = eval_lib.make_eval_step(run.model, mesh, run.shardings.variables)
-        train_iter = data.train_iterator(
-            config.data,
-            seed=config.seed,
-            start_step=first_step,
-            global_batch_size=batch,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            epoch_steps=config.steps_per_epoch,
-        )
+    evaluator = run.task.make_evaluator(config, run)
+    train_iter = run.task.train_iterator(config, first_step)
     log_every = _every(config.log_every_steps, run.steps_per_epoch)
     eval_every = _every(config.eval_every_steps, run.steps_per_epoch)
     ckpt_every = _every(config.checkpoint.every_steps, run.steps_per_epoch)
@@ -330,20 +282,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
                 if state.has_ema:
                     evals["eval_ema"] = state.ema_variables
                 for prefix, variables in evals.items():
-                    if seg:  # mIoU, mAcc, aAcc over the eval split, config.eval's inference
-                        eval_metrics.update(
-                            metrics_lib.prefixed(seg_task.evaluate(run.model, variables, config, prefix), prefix)
-                        )
-                        continue
-                    result = eval_lib.evaluate(
-                        eval_step,
-                        variables,
-                        config=config,
-                        mesh=mesh,
-                        num_examples=run.info.num_eval_examples,
-                        desc=prefix,
-                    )
-                    eval_metrics.update(metrics_lib.prefixed(result, prefix))
+                    eval_metrics.update(metrics_lib.prefixed(evaluator(variables, prefix), prefix))
             writer.write_scalars(step, eval_metrics)
             t0 = time.perf_counter()  # img/s counts training only
         if do_ckpt:

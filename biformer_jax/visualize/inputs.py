@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from biformer_jax import models
-from biformer_jax.training import checkpoint
+from biformer_jax import models, tasks
+from biformer_jax.training import checkpoint, loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,21 +46,20 @@ def load_checkpoint(path: str, *, expect_model: str | None = None, ema: bool = F
     `checkpoint.CheckpointMismatchError` listing them.
     """
     ref = checkpoint.resolve(path)  # FileNotFoundError saying what a checkpoint looks like
-    meta = checkpoint.load_meta(ref)
-    name = meta.get("model")
+    record = checkpoint.load_meta(ref)
+    name = record.get("model")
     if name not in models.list_models():
         raise ValueError(f"{path} records model {name!r}, which this project does not define.")
+    tasks.require(record, "classification", where=str(path), instead="visualize a classifier's checkpoint")
     if expect_model is not None and name != expect_model:
         raise ValueError(
             f"{path} is a checkpoint of {name!r}, not of {expect_model!r}; drop --model (the checkpoint "
             "names its model) or pass a checkpoint of that model."
         )
-    model = build_model(name, meta.get("model_kwargs", {}))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
-    abstract = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
-    variables = checkpoint.load_variables(ref, ema=ema, abstract=abstract)
+    model = build_model(name, record.get("model_kwargs", {}))
+    loaded = loader.load(ref, input_size=64, model=model, ema="only" if ema else "no")
     step = f" step {ref.step}" if ref.step is not None else ""
-    return Loaded(model, variables, name, f"{os.path.basename(os.path.normpath(path))}{step} ({name})")
+    return Loaded(loaded.model, loaded.variables, name, f"{os.path.basename(os.path.normpath(path))}{step} ({name})")
 
 
 def build_model(name: str, kwargs: dict[str, Any] | None = None) -> Any:

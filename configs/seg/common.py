@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from biformer_jax.data import seg_config
+from biformer_jax.data.segmentation import config as seg_config
 
 
 def parse_arg(arg: str | None) -> dict[str, bool]:
@@ -61,7 +61,7 @@ def get_base_config(model: str, *, drop_path_rate: float) -> ml_collections.Conf
     config.optim.weight_decay = 1e-4
     config.optim.no_decay_keys = ()  # parameters whose name contains one of these get no decay
     config.optim.clip_grad_norm = 0.0
-    config.optim.schedule = "cosine"  # 'cosine' | 'poly' (biformer_jax/segmentation/optim.py)
+    config.optim.schedule = "cosine"  # 'cosine' | 'poly' (biformer_jax/tasks/segmentation/optim.py)
     config.optim.warmup_iters = 1000
     config.optim.warmup_ratio = 0.1
     config.optim.min_lr_ratio = 1e-8  # cosine: end at lr x this
@@ -81,8 +81,10 @@ def get_base_config(model: str, *, drop_path_rate: float) -> ml_collections.Conf
 
     config.resume = ""  # another run's train checkpoint (used when the workdir has none)
     # Weights to start from: an ImageNet classifier checkpoint of the backbone (converted or
-    # ours) or a segmentation checkpoint.
+    # ours) or a segmentation checkpoint (of the same architecture: fields it sets differently on
+    # purpose are named in init_from_overrides, e.g. ("topks",); num_classes may always differ).
     config.init_from = ""
+    config.init_from_overrides = ()
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.sharding = ml_collections.ConfigDict(dict(fsdp_min_size=2**14))

@@ -12,7 +12,7 @@ other jobs, load average 13-23): mIoU 0.8724, mAcc 0.9347, aAcc 0.9701; train.py
 wall under that load for 161 s of its own CPU time, eval.py 2 min 37 s wall for 21 s CPU.
 """
 
-from biformer_jax.data import seg_config
+from biformer_jax.data.segmentation import config as seg_config
 from configs.seg import common
 
 

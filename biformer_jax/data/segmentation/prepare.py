@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 from PIL import Image
 
-from biformer_jax.data import seg_sources
+from biformer_jax.data.segmentation import sources as seg_sources
 
 _MAX_LISTED = 10
 

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 
-from biformer_jax.data.seg_sources import SegArraySource
+from biformer_jax.data.sources import ArrayPairSource
 
 CLASS_NAMES = ("background", "disk", "square", "triangle", "cross")
 _SALT = 0x5EA9E5
@@ -95,10 +95,10 @@ def make_example(seed: int, split: str, index: int, size: int) -> tuple[np.ndarr
 
 
 @functools.lru_cache(maxsize=4)
-def load_shapes(size: int, num_train: int, num_eval: int, seed: int) -> dict[str, SegArraySource]:
+def load_shapes(size: int, num_train: int, num_eval: int, seed: int) -> dict[str, ArrayPairSource]:
     """{'train', 'eval'} sources of generated examples (deterministic in their arguments)."""
     out = {}
     for split, n in (("train", num_train), ("eval", num_eval)):
         pairs = [make_example(seed, split, i, size) for i in range(n)]
-        out[split] = SegArraySource(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+        out[split] = ArrayPairSource(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
     return out

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from biformer_jax.data import erasing, randaugment
+from biformer_jax.data.classification import erasing, randaugment
 
 
 def resample_filter(name: str) -> Image.Resampling:

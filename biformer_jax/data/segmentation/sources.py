@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from biformer_jax.data import ade20k_meta
-from biformer_jax.data.seg_config import validate_seg_config
+from biformer_jax.data.segmentation import ade20k_meta
+from biformer_jax.data.segmentation.config import validate_seg_config
 from biformer_jax.data.sources import IMAGE_EXTENSIONS, DatasetNotPreparedError
 
 ADE20K_ZIP = "ADEChallengeData2016.zip"
@@ -137,19 +137,6 @@ class SegFileSource:
         return [self.read_one(int(i)) for i in indices]
 
 
-class SegArraySource:
-    """In-memory images (N, H, W, 3) uint8 and labels (N, H, W) uint8 (training ids)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(self.images[int(i)], self.labels[int(i)]) for i in indices]
-
-
 # --- folders -----------------------------------------------------------------------------
 
 
@@ -195,7 +182,7 @@ def read_class_names(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     if cfg.name == "ade20k":
         return ade20k_meta.CLASS_NAMES
     if cfg.name == "shapes":
-        from biformer_jax.data import shapes
+        from biformer_jax.data.segmentation import shapes
 
         return shapes.CLASS_NAMES
     path = Path(cfg.class_names_file or Path(cfg.root) / "classes.txt")
@@ -218,7 +205,7 @@ def open_seg_source(cfg: ml_collections.ConfigDict, which: str):
     validate_seg_config(cfg)
     names = read_class_names(cfg)
     if cfg.name == "shapes":
-        from biformer_jax.data import shapes
+        from biformer_jax.data.segmentation import shapes
 
         return shapes.load_shapes(cfg.shapes.size, cfg.shapes.num_train, cfg.shapes.num_eval, cfg.shapes.seed)[
             which

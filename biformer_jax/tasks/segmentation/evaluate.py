@@ -15,9 +15,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from biformer_jax.data import seg_pipeline, seg_sources
-from biformer_jax.segmentation import metrics as seg_metrics
-from biformer_jax.segmentation.inference import Segmenter
+from biformer_jax.data.segmentation import pipeline as seg_pipeline
+from biformer_jax.data.segmentation import sources as seg_sources
+from biformer_jax.tasks.segmentation import metrics as seg_metrics
+from biformer_jax.tasks.segmentation.inference import Segmenter
 
 
 def local_copy(variables: Any) -> Any:

@@ -3,7 +3,7 @@
 Prints mmseg's per-class table for each set of weights; returns (and eval.py prints as its last
 line) {"mIoU", "mAcc", "aAcc" (fractions), "num_examples", "checkpoint", "step", "model",
 "dataset", "eval_mode", "views"} plus "ema": {...} when the checkpoint holds EMA weights. eval.py
-writes it (after printing it) with eval_lib.write_results, to a local, gs:// or s3:// checkpoint.
+writes it (after printing it) with tasks.write_results, to a local, gs:// or s3:// checkpoint.
 """
 
 from __future__ import annotations
@@ -12,37 +12,31 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from absl import logging
 
-from biformer_jax.data import seg_config, seg_sources
+from biformer_jax.data.segmentation import config as seg_config
+from biformer_jax.data.segmentation import sources as seg_sources
 from biformer_jax.models import from_config
-from biformer_jax.segmentation import evaluate as seg_evaluate
-from biformer_jax.segmentation import metrics as seg_metrics
-from biformer_jax.training import checkpoint
-
-
-def abstract_variables(model, crop_size) -> dict[str, Any]:
-    """{"params", "batch_stats"} of a segmentation model as ShapeDtypeStructs (no compute)."""
-    x = jax.ShapeDtypeStruct((1, int(crop_size[0]), int(crop_size[1]), 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+from biformer_jax.tasks.segmentation import evaluate as seg_evaluate
+from biformer_jax.tasks.segmentation import metrics as seg_metrics
+from biformer_jax.training import loader
 
 
 def load_model_and_variables(config, checkpoint_path: str):
-    """(model, class names, ref, raw variables, EMA variables or None) of a segmentation checkpoint."""
+    """(model, class names, ref, raw variables, EMA variables or None) of a segmentation checkpoint.
+
+    A checkpoint of another architecture than the config's (model name, or model_kwargs such as
+    topks, n_win, auto_pad, head settings) raises restore.ArchitectureMismatchError listing them.
+    """
     names = seg_sources.read_class_names(config.data)  # ADE20K's need no dataset (predict on photos)
     model = from_config.model_from_config(config, len(names))
-    ref = checkpoint.resolve(checkpoint_path)
-    meta = checkpoint.load_meta(ref)
-    if meta.get("model") != config.model:
-        logging.warning("The checkpoint was made for %r; using it as config.model=%r.", meta.get("model"), config.model)
-    abstract = abstract_variables(model, config.data.crop_size)
-    variables = checkpoint.load_variables(ref, abstract=abstract)
-    ema = None
-    if ref.kind == "train" and checkpoint.has_item(ref, "ema_variables"):
-        ema = checkpoint.load_variables(ref, ema=True, abstract=abstract)
-    return model, names, ref, variables, ema
+    loaded = loader.load(
+        checkpoint_path,
+        input_size=tuple(config.data.crop_size),
+        expect=from_config.model_meta(config, len(names)),
+        model=model,
+        ema="also",
+    )
+    return model, names, loaded.ref, loaded.variables, loaded.ema_variables
 
 
 def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
@@ -69,4 +63,4 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
             results[key] = entry
         else:
             results.update(entry)
-    return results  # eval.py prints it, then writes it (eval_lib.write_results: gs://, s3:// or local)
+    return results  # eval.py prints it, then writes it (tasks.write_results: gs://, s3:// or local)

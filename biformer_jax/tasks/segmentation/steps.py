@@ -10,6 +10,7 @@ loss times `aux_weight` (0.4). BatchNorm in train mode normalises over the whole
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,9 @@ def seg_cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int
     return nll.sum() / denom
 
 
-def _loss_and_grads(params, batch_stats, images, labels, rngs, *, model, loss_cfg):
+def _loss_and_grads(params, batch_stats, inputs, rngs, *, model, loss_cfg):
+    """(loss, updated batch_stats, grads) of one (micro-)batch (images, labels) in train mode."""
+    images, labels = inputs
     has_aux = bool(getattr(model, "auxiliary_head", False))  # UperNet's FCN head
 
     def loss_fn(params):
@@ -47,16 +50,13 @@ def _loss_and_grads(params, batch_stats, images, labels, rngs, *, model, loss_cf
             logits, updates = model.apply(variables, images, **kw)
             aux = None
         ce = dict(ignore_index=loss_cfg["ignore_index"], avg_non_ignore=loss_cfg["avg_non_ignore"])
-        decode = seg_cross_entropy(logits, labels, **ce)
-        loss = decode
-        aux_loss = jnp.zeros((), jnp.float32)
+        loss = seg_cross_entropy(logits, labels, **ce)
         if aux is not None and loss_cfg["aux_weight"] > 0:
-            aux_loss = seg_cross_entropy(aux, labels, **ce)
-            loss = loss + loss_cfg["aux_weight"] * aux_loss
-        return loss, (updates["batch_stats"], decode, aux_loss)
+            loss = loss + loss_cfg["aux_weight"] * seg_cross_entropy(aux, labels, **ce)
+        return loss, updates["batch_stats"]
 
-    (loss, (new_stats, decode, aux_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, new_stats, grads, decode, aux_loss
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, new_stats, grads
 
 
 def seg_train_step(
@@ -79,28 +79,7 @@ def seg_train_step(
     """
     rngs = steps.step_rngs(state)
     model_rngs = {"dropout": rngs["dropout"], "drop_path": rngs["drop_path"]}
-    kw = dict(model=model, loss_cfg=loss_cfg)
-    images, labels = batch["image"], batch["label"]
-    if grad_accum_steps == 1:
-        loss, batch_stats, grads, _, _ = _loss_and_grads(
-            state.params, state.batch_stats, images, labels, model_rngs, **kw
-        )
-    else:
-        k = grad_accum_steps
-
-        def split(x):
-            return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)  # (k, B / k, ...)
-
-        def body(carry, xs):
-            stats, loss_sum, grad_sum = carry
-            j, im, lb = xs
-            micro_rngs = {name: jax.random.fold_in(key, j) for name, key in model_rngs.items()}
-            loss, stats, grads, _, _ = _loss_and_grads(state.params, stats, im, lb, micro_rngs, **kw)
-            return (stats, loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        init = (state.batch_stats, jnp.zeros((), jnp.float32), zeros)
-        (batch_stats, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), split(images), split(labels)))
-        grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grad_sum, state.params)
-        loss = loss_sum / k
+    fn = functools.partial(_loss_and_grads, model=model, loss_cfg=loss_cfg)
+    inputs = (batch["image"], batch["label"])
+    loss, batch_stats, grads = steps.loss_and_grads(state, inputs, model_rngs, fn=fn, k=grad_accum_steps)
     return steps.apply_gradients(state, grads, loss, batch_stats, tx=tx, schedule=schedule, ema_decay=ema_decay)

@@ -18,29 +18,24 @@ import grain
 import ml_collections
 import numpy as np
 
-from biformer_jax.data import seg_sources, seg_transforms
-from biformer_jax.data.pipeline import _MAX_STEPS, TrainSampler, _host_rows, _run, example_rng
-from biformer_jax.data.seg_config import eval_views, validate_eval_config
+from biformer_jax.data.pipeline import _run, train_batches
+from biformer_jax.data.segmentation import sources as seg_sources
+from biformer_jax.data.segmentation import transforms as seg_transforms
+from biformer_jax.data.segmentation.config import eval_views, validate_eval_config
 
 
-class SegTrainBatch:
-    """Step -> this host's rows: {'image': float32 (b, h, w, 3), 'label': int32 (b, h, w)}."""
+class SegExample:
+    """(image, label map), rng -> {'image': float32 (h, w, 3), 'label': (h, w)}: the train transform's crop."""
 
-    def __init__(self, source, transform, sampler: TrainSampler, seed: int, rows: range):
-        self.source, self.transform, self.sampler, self.seed, self.rows = source, transform, sampler, seed, rows
+    def __init__(self, transform):
+        self.transform = transform
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        step = int(step)
-        records = self.sampler.records(step)[self.rows.start : self.rows.stop]
-        examples = self.source.read([int(r) for r in records])
-        out = [
-            self.transform(img, label, example_rng(self.seed, step, row))
-            for row, (img, label) in zip(self.rows, examples)
-        ]
-        return {
-            "image": np.stack([o[0] for o in out]).astype(np.float32, copy=False),
-            "label": np.stack([o[1] for o in out]).astype(np.int32),
-        }
+    def __call__(self, example, rng: np.random.Generator) -> dict:
+        image, label = self.transform(*example, rng)
+        return {"image": image, "label": label}
+
+
+SEG_DTYPES = {"image": np.float32, "label": np.int32}
 
 
 def seg_train_iterator(
@@ -53,13 +48,17 @@ def seg_train_iterator(
     process_count: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator over this host's train batches; the k-th is global step start_step + k."""
-    rows = _host_rows(global_batch_size, process_index, process_count)
-    if start_step < 0 or seed < 0:
-        raise ValueError(f"seed and start_step must be >= 0, got seed={seed}, start_step={start_step}.")
-    source, _ = seg_sources.open_seg_source(cfg, "train")
-    sampler = TrainSampler(len(source), global_batch_size, 1, seed)
-    make_batch = SegTrainBatch(source, seg_transforms.SegTrainTransform(cfg), sampler, seed, rows)
-    return _run(grain.MapDataset.range(start_step, _MAX_STEPS).map(make_batch), cfg)
+    return train_batches(
+        cfg,
+        lambda: seg_sources.open_seg_source(cfg, "train")[0],
+        SegExample(seg_transforms.SegTrainTransform(cfg)),
+        SEG_DTYPES,
+        seed=seed,
+        start_step=start_step,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 class SegEvalExample:

@@ -1,9 +1,13 @@
-"""Evaluation: one pass over the eval split (top-1, top-5, loss), and eval.py's checkpoint evaluation."""
+"""Classification evaluation: one pass over the eval split (top-1, top-5, loss), and eval.py's checkpoint evaluation.
+
+The eval step is compiled once per evaluator through `host_memory.compile_for_inference` (the
+compiler's freed memory goes back to the system, as in segmentation inference); every batch has
+the same shape (the last one padded), so one executable serves the whole pass.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Callable
@@ -11,22 +15,40 @@ from typing import Any
 
 import jax
 from absl import logging
-from etils import epath
 
-from biformer_jax import data, storage
-from biformer_jax.models.from_config import abstract_variables, model_from_config, model_meta
+from biformer_jax import data
+from biformer_jax.host_memory import compile_for_inference
+from biformer_jax.models import from_config
+from biformer_jax.models.from_config import model_from_config, model_meta
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.training import checkpoint, restore, sharding, steps
+from biformer_jax.tasks.classification import steps
+from biformer_jax.training import loader, sharding
 
-EVAL_RESULTS_FILE = "eval_results.json"
+
+class EvalStep:
+    """`steps.eval_step` jitted over the mesh: (variables, global batch) -> EvalMetrics.
+
+    Compiled on its first call through `compile_for_inference` and kept: every later call with
+    the same shapes runs that executable.
+    """
+
+    def __init__(self, model, mesh, variable_shardings):
+        self.jitted = jax.jit(
+            kernels_see_mesh(functools.partial(steps.eval_step, model=model), mesh),
+            in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
+            out_shardings=sharding.replicated(mesh),
+        )
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, variables, batch):
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves((variables, batch)))
+        if key not in self._compiled:
+            self._compiled[key] = compile_for_inference(self.jitted, variables, batch)
+        return self._compiled[key](variables, batch)
 
 
 def make_eval_step(model, mesh, variable_shardings) -> Callable:
-    return jax.jit(
-        kernels_see_mesh(functools.partial(steps.eval_step, model=model), mesh),
-        in_shardings=(variable_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
+    return EvalStep(model, mesh, variable_shardings)
 
 
 def evaluate(
@@ -61,32 +83,27 @@ def evaluate(
     return {k: float(v) for k, v in collected.compute().items()}
 
 
-def write_results(path: str | os.PathLike, record: dict[str, Any]) -> epath.Path:
-    """Writes `record` as JSON at `path` (gs://, s3:// or local; a directory gets eval_results.json).
-
-    Written to a temporary sibling and renamed over `path` (a previous result is replaced), so `path`
-    is never half-written. Raises OSError (or the filesystem's error) where it cannot write.
-    """
-    target = storage.as_path(path)
-    if target.is_dir():
-        target = target / EVAL_RESULTS_FILE
-    return storage.write_atomically(target, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-
-
 def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
     """Top-1/top-5/loss of a checkpoint's weights (and of its EMA weights when it has them).
 
     Returns {"top1", "top5", "loss", "num_examples", "checkpoint", "step", "model"} plus "ema":
-    {...} for train checkpoints with EMA; `write_results` saves it (eval.py prints it first). A
+    {...} for train checkpoints with EMA; `tasks.write_results` saves it (eval.py prints it first). A
     checkpoint of another architecture than the config's raises ArchitectureMismatchError.
     """
     mesh = sharding.create_mesh(config.mesh)
     info = data.dataset_info(config.data)
     model = model_from_config(config, info.num_classes)
-    ref = checkpoint.resolve(checkpoint_path)
-    restore.check_architecture(ref, model_meta(config, info.num_classes), what="--checkpoint")
-    abstract = abstract_variables(model, info.image_size)
+    abstract = from_config.abstract_variables(model, info.image_size)
     shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp_min_size)
+    loaded = loader.load(
+        checkpoint_path,
+        input_size=info.image_size,
+        expect=model_meta(config, info.num_classes),
+        model=model,
+        ema="also",
+        shardings=shardings,
+    )
+    ref = loaded.ref
     eval_step = make_eval_step(model, mesh, shardings)
     results: dict[str, Any] = {
         "checkpoint": os.fspath(ref.path),
@@ -95,11 +112,14 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> dict[str, Any]:
         "dataset": config.data.name,
         "num_examples": info.num_eval_examples,
     }
-    variables = checkpoint.load_variables(ref, abstract=sharding.with_shardings(abstract, shardings))
-    results.update(evaluate(eval_step, variables, config=config, mesh=mesh, num_examples=info.num_eval_examples))
-    if ref.kind == "train" and checkpoint.has_item(ref, "ema_variables"):
-        ema = checkpoint.load_variables(ref, ema=True, abstract=sharding.with_shardings(abstract, shardings))
+    results.update(evaluate(eval_step, loaded.variables, config=config, mesh=mesh, num_examples=info.num_eval_examples))
+    if loaded.ema_variables is not None:
         results["ema"] = evaluate(
-            eval_step, ema, config=config, mesh=mesh, num_examples=info.num_eval_examples, desc="eval (EMA)"
+            eval_step,
+            loaded.ema_variables,
+            config=config,
+            mesh=mesh,
+            num_examples=info.num_eval_examples,
+            desc="eval (EMA)",
         )
     return results

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from biformer_jax import inference
 from biformer_jax.data.sources import IMAGE_EXTENSIONS
+from biformer_jax.tasks.classification import inference
 
 FORMATS = ("json", "csv")
 
@@ -60,9 +60,9 @@ def list_images(args: Sequence[str]) -> list[str]:
     return paths
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k"))
-def _top_k(variables, images, *, model, top_k: int):
-    logits = model.apply(variables, images, train=False)  # (N, classes) float32
+@functools.partial(jax.jit, static_argnames=("model", "task", "top_k"))
+def _top_k(variables, images, *, model, task, top_k: int):
+    logits = task.predict_batch(model, variables, images)  # (N, classes) float32
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return jax.lax.top_k(probs, top_k)  # (N, k) each
 
@@ -86,7 +86,7 @@ def predict(
         batch = np.zeros((batch_size, size, size, 3), np.float32)
         for i, (_, x) in enumerate(pending):
             batch[i] = x
-        probs, idx = jax.device_get(_top_k(loaded.variables, batch, model=loaded.model, top_k=k))
+        probs, idx = jax.device_get(_top_k(loaded.variables, batch, model=loaded.model, task=loaded.task, top_k=k))
         for i, (path, _) in enumerate(pending):
             classes = [int(c) for c in idx[i]]
             yield {

@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from biformer_jax import models
-from biformer_jax.data import transforms
+from biformer_jax.data.classification import transforms
 from biformer_jax.data.record import IMAGENET_PREPROCESS, Preprocess, class_names_of, imagenet_class_names
-from biformer_jax.models import from_config
-from biformer_jax.training import checkpoint
+from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS
+from biformer_jax.tasks.classification.task import ClassificationTask
+from biformer_jax.training import checkpoint, loader
+
+TASK = ClassificationTask()  # what predict.py and export apply: TASK.predict_batch
+SEGMENTATION_INSTEAD = "predict with `python -m biformer_jax.segmentation.predict --config=configs/seg/...`"
 
 # Model options that change how, not what, the model computes; an inference caller may override them.
 IMPL_OPTIONS = ("attn_impl", "dwconv_impl")
@@ -48,6 +51,7 @@ class Loaded:
     class_names: list[str]
     checkpoint: str
     preprocess_source: str  # where the preprocessing came from, for the user
+    task: Any = TASK  # the checkpoint's task: its predict_batch is the forward pass
 
     @property
     def num_classes(self) -> int:
@@ -114,15 +118,19 @@ def load(
     Raises InferenceInputError for anything the caller can fix.
     """
     ref, meta = _model_meta(path)
+    if meta.get("model") in SEGMENTATION_VARIANTS:  # tasks.for_record's test, without the registry above us
+        raise InferenceInputError(
+            f"{ref.path}: the checkpoint is a segmentation model ({meta['model']!r}), and this takes "
+            f"classification checkpoints; {SEGMENTATION_INSTEAD}."
+        )
     overrides = dict(model_overrides or {})
     bad = sorted(set(overrides) - set(IMPL_OPTIONS))
     if bad:
         raise InferenceInputError(f"model_overrides {bad}: only {IMPL_OPTIONS} may change for inference.")
-    kwargs = {**dict(meta.get("model_kwargs", {})), **overrides}
     try:
-        model = models.create_model(meta["model"], **kwargs)
-    except (TypeError, ValueError) as e:
-        raise InferenceInputError(f"The checkpoint {ref.path} names a model this package cannot build: {e}") from None
+        model = loader.build(ref, meta, overrides)
+    except loader.RecordError as e:
+        raise InferenceInputError(str(e)) from None
     num_classes = _num_classes(meta)
     preprocess, names, source = _input_of(meta, config, num_classes, str(ref.path))
     if class_names is not None:
@@ -134,21 +142,21 @@ def load(
             f"{len(names)} class names for a model with {num_classes} classes ({ref.path}); "
             "pass a label list with one name per class."
         )
-    abstract = from_config.abstract_variables(model, preprocess.image_size)
-    item = "ema_variables" if ema else "variables"
     try:
-        checkpoint.check_compatible(ref, abstract, what="the model its meta names", item=item)
-        variables = checkpoint.load_variables(ref, ema=ema)
+        loaded = loader.load(
+            ref, input_size=preprocess.image_size, model=model, ema="only" if ema else "no", on_host=True
+        )
     except FileNotFoundError as e:
         raise InferenceInputError(str(e)) from None
     return Loaded(
         model=model,
-        variables={"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+        variables=loaded.variables,
         meta=dict(meta),
         preprocess=preprocess,
         class_names=names,
         checkpoint=str(ref.path),
         preprocess_source=source,
+        task=TASK,
     )
 
 

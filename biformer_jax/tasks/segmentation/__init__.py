@@ -1,0 +1,1 @@
+"""Semantic segmentation: mmseg-exact metrics, whole/slide/aug inference, the train step, schedules."""
