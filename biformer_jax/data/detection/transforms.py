@@ -24,10 +24,7 @@ import math
 
 import numpy as np
 
-try:  # the segmentation transforms move to data/segmentation/ with the task protocol (issue 23)
-    from biformer_jax.data.segmentation.transforms import rescale_size, resize_bilinear
-except ImportError:
-    from biformer_jax.data.seg_transforms import rescale_size, resize_bilinear
+from biformer_jax.data.segmentation.transforms import rescale_size, resize_bilinear
 
 IMG_SCALE = (1333, 800)
 SIZE_DIVISOR = 32
