@@ -28,6 +28,7 @@ NOT_ARCHITECTURE = frozenset(
         "attn_impl",
         "dwconv_impl",
         "features_only",
+        "bn_group_size",  # which images share BatchNorm statistics in training
     }
 )
 
