@@ -29,6 +29,7 @@ NOT_ARCHITECTURE = frozenset(
         "dwconv_impl",
         "features_only",
         "bn_group_size",  # which images share BatchNorm statistics in training
+        "head_init",  # only the initial values of the segmentation heads
     }
 )
 
