@@ -98,6 +98,12 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.compute_dtype = "float32"  # "bfloat16": bf16 compute, float32 params/optimiser/BN stats
     config.grad_accum_steps = 1  # k > 1: k micro-batches of global_batch_size / k per update
     config.remat_stages = ()  # stages (0-3) recomputed in the backward pass (use_checkpoint_stages)
+    # BatchNorm statistics in training over groups of this many images (0: the whole global batch).
+    # The official runs wrap plain nn.BatchNorm2d in DDP with no SyncBN conversion (BiFormer main.py;
+    # DeBiFormer classification/main.py), so each GPU's batch is normalised alone: 128 per GPU
+    # (BiFormer scripts/train.sh batch_size=128), 256 for DeBiFormer (README --batch-size 256).
+    # The running statistics are the first group's (DDP broadcasts rank 0's buffers every step).
+    config.bn_group_size = 128
 
     if recipe == "debiformer":
         _debiformer_recipe(config)
@@ -122,6 +128,7 @@ def _debiformer_recipe(config: ml_collections.ConfigDict) -> None:
     config.ema_decay = 0.0
     config.data.repeated_aug = 1
     config.eval_batch_size = 2000  # 250 per GPU x 8
+    config.bn_group_size = 256  # --batch-size 256 per GPU, plain BatchNorm under DDP
 
 
 # "A small run", the one definition: a few steps of the same model and data on a laptop CPU.

@@ -110,8 +110,10 @@ class BiFormer(nn.Module):
     compute dtype, `attn_impl` / `dwconv_impl` pick implementations of the same function,
     `features_only` makes the model a backbone returning the four stage maps,
     `scan_blocks` runs each stage's blocks as one `lax.scan` at inference (see
-    `stages.run_stages`), and `drop_rate` is dropout before the classifier (the official
-    constructor ignores it).
+    `stages.run_stages`), `drop_rate` is dropout before the classifier (the official
+    constructor ignores it), and `bn_group_size` > 0 normalises the BatchNorms in training
+    over groups of that many images, as plain BatchNorm under DDP with that many per GPU
+    (`layers.BatchNorm`; 0: the whole batch, i.e. SyncBN).
 
     Call: `model.apply(variables, x_nhwc, train=False, return_features=False)` gives logits
     (N, num_classes), or `(logits, [f1, f2, f3, f4])` with `return_features=True`; stage i
@@ -152,6 +154,7 @@ class BiFormer(nn.Module):
     routing_ties: str = "xla"  # the routers' exact-tie order ('xla' | 'torch'), biformer_jax.ops.topk
     features_only: bool = False
     scan_blocks: bool = False  # inference: one lax.scan per stage over its blocks (stages.run_stages)
+    bn_group_size: int = 0  # train: BatchNorm statistics per this many images (DDP's per GPU); 0: the batch
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32

@@ -155,8 +155,8 @@ class DeBiFormer(nn.Module):
     break exact score ties, which zero-padded regions produce off the 224 grid: 'torch' picks
     the regions the release picks on CPU, 'xla' (`lax.top_k`) is faster on accelerators and
     gives the same outputs (tied regions hold identical keys and values); `qk_dims` entries
-    may be None (the stage width); `features_only`, `scan_blocks`, `attn_impl`, `dwconv_impl`, `dtype` and
-    `param_dtype` as in `BiFormer`; `drop_rate` is dropout before the classifier (the release
+    may be None (the stage width); `features_only`, `scan_blocks`, `bn_group_size`, `attn_impl`, `dwconv_impl`,
+    `dtype` and `param_dtype` as in `BiFormer`; `drop_rate` is dropout before the classifier (the release
     ignores it). `auto_pad` is accepted and has no effect: the attention always pads to the
     region grid.
 
@@ -204,6 +204,7 @@ class DeBiFormer(nn.Module):
     routing_ties: str = "torch"
     features_only: bool = False
     scan_blocks: bool = False  # inference: one lax.scan per stage over its blocks (stages.run_stages)
+    bn_group_size: int = 0  # train: BatchNorm statistics per this many images (DDP's per GPU); 0: the batch
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"
     dtype: Dtype = jnp.float32

@@ -45,8 +45,9 @@ def model_from_config(config, num_classes: int):
 
     `config.compute_dtype` ("float32" | "bfloat16") is the model's compute dtype (parameters,
     optimiser state and BatchNorm statistics stay float32, logits come back float32) and
-    `config.remat_stages` its `use_checkpoint_stages`; neither changes the weights, so neither is
-    recorded in checkpoints.
+    `config.remat_stages` its `use_checkpoint_stages`; `config.bn_group_size` its `bn_group_size`
+    (training BatchNorm statistics per group of that many images, the official per-GPU batch;
+    0: the whole batch). None changes the weights, so none is recorded in checkpoints.
     """
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("num_classes", num_classes)
@@ -57,6 +58,8 @@ def model_from_config(config, num_classes: int):
         kwargs["dtype"] = jnp.dtype(compute_dtype)
     if config.remat_stages:
         kwargs["use_checkpoint_stages"] = tuple(int(i) for i in config.remat_stages)
+    if config.bn_group_size:
+        kwargs["bn_group_size"] = int(config.bn_group_size)
     return create_model(config.model, **kwargs)
 
 

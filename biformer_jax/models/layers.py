@@ -254,17 +254,26 @@ class DepthwiseConv2d(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """`nn.BatchNorm2d` with PyTorch semantics on NHWC input.
+    """`nn.BatchNorm2d` with PyTorch semantics on NHWC input (N, H, W, C) -> (N, H, W, C).
 
     Train mode normalises with the biased batch variance over (N, H, W) and, when the
     `batch_stats` collection is mutable, updates the running statistics with momentum
     0.1 and the unbiased variance, and counts `num_batches_tracked`. Under `jax.jit` over a
     mesh the batch mean is a global reduction, so this is synchronised BatchNorm.
     Statistics are always computed in float32.
+
+    `group_size` > 0 is plain `nn.BatchNorm2d` under DDP with `group_size` images per GPU: the
+    batch is split into consecutive groups of that many images, each normalised with its own
+    statistics (the split is on the global batch, so it does not depend on how many devices
+    run it). The running statistics follow the first group alone: DDP broadcasts rank 0's
+    buffers before every forward, and mmseg's DDP (broadcast_buffers=False) saves rank 0's,
+    so the official checkpoints hold the first GPU's. A batch of at most `group_size` images
+    is one group; a larger one must be a multiple of it.
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    group_size: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -278,21 +287,41 @@ class BatchNorm(nn.Module):
         count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
         x32 = x.astype(jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
+            groups = batch_groups(x.shape[0], self.group_size)
+            if groups > 1:  # one set of statistics per group, kept broadcastable
+                xg = x32.reshape((groups, -1) + x.shape[1:])  # (groups, N / groups, H, W, C)
+                axes, keep = tuple(range(1, xg.ndim - 1)), True
+            else:
+                xg, axes, keep = x32, tuple(range(x.ndim - 1)), False
+            mean = jnp.mean(xg, axes, keepdims=keep)  # (groups, 1, 1, 1, C), or (C,) for one group
+            var = jnp.mean(jnp.square(xg - mean), axes, keepdims=keep)
             if self.is_mutable_collection("batch_stats") and not self.is_initializing():
-                n = math.prod(x.shape[:-1])
-                unbiased = var * (n / max(n - 1, 1))
+                first_mean, first_var = mean.reshape(-1, c)[0], var.reshape(-1, c)[0]  # the first group's
+                n = math.prod(x.shape[:-1]) // groups  # values per channel in one group
+                unbiased = first_var * (n / max(n - 1, 1))
                 m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_mean.value = (1 - m) * ra_mean.value + m * first_mean
                 ra_var.value = (1 - m) * ra_var.value + m * unbiased
                 count.value = count.value + 1
         else:
-            mean, var = ra_mean.value, ra_var.value
+            xg, mean, var = x32, ra_mean.value, ra_var.value
         inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-        y = (x32 - mean) * inv + bias.astype(jnp.float32)
+        y = ((xg - mean) * inv + bias.astype(jnp.float32)).reshape(x.shape)
         return y.astype(self.dtype)
+
+
+def batch_groups(batch: int, group_size: int) -> int:
+    """How many BatchNorm groups of `group_size` images a batch of `batch` makes (0: one group)."""
+    if group_size < 0:
+        raise ValueError(f"bn_group_size={group_size}: use 0 (the whole batch) or a positive group size.")
+    if group_size == 0 or batch <= group_size:
+        return 1
+    if batch % group_size:
+        raise ValueError(
+            f"A batch of {batch} images does not split into BatchNorm groups of bn_group_size={group_size}: "
+            "make the (micro-)batch a multiple of bn_group_size, or set bn_group_size=0 for the whole batch."
+        )
+    return batch // group_size
 
 
 class DropPath(nn.Module):

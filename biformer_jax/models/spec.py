@@ -31,6 +31,8 @@ NOT_ARCHITECTURE = frozenset(
         "conv_impl",
         "scan_blocks",  # the same blocks, run as one lax.scan at inference
         "features_only",
+        "bn_group_size",  # which images share BatchNorm statistics in training
+        "head_init",  # only the initial values of the segmentation heads
     }
 )
 

@@ -42,14 +42,15 @@ class Stem(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_group_size: int = 0  # BatchNorm statistics per group of this many images (layers.BatchNorm)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt, pdt, half = self.dtype, self.param_dtype, self.dim // 2
         x = conv2d(half, 3, x.shape[-1], "0", dt, pdt, stride=2, padding=1)(x)
-        x = gelu(BatchNorm(dtype=dt, param_dtype=pdt, name="1")(x, train))
+        x = gelu(BatchNorm(group_size=self.bn_group_size, dtype=dt, param_dtype=pdt, name="1")(x, train))
         x = conv2d(self.dim, 3, half, "3", dt, pdt, stride=2, padding=1)(x)
-        return BatchNorm(dtype=dt, param_dtype=pdt, name="4")(x, train)
+        return BatchNorm(group_size=self.bn_group_size, dtype=dt, param_dtype=pdt, name="4")(x, train)
 
 
 class Downsample(nn.Module):
@@ -58,11 +59,13 @@ class Downsample(nn.Module):
     dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = conv2d(self.dim, 3, x.shape[-1], "0", self.dtype, self.param_dtype, stride=2, padding=1)(x)
-        return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="1")(x, train)
+        bn = BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, param_dtype=self.param_dtype, name="1")
+        return bn(x, train)
 
 
 def stochastic_depth_rates(drop_path_rate: float, depth: Sequence[int]) -> list[float]:
@@ -135,9 +138,9 @@ def run_stages(
     features, cur = [], 0
     for i in range(4):
         if i == 0:
-            x = Stem(model.embed_dim[0], dt, pdt, name="downsample_layers_0")(x, train)
+            x = Stem(model.embed_dim[0], dt, pdt, model.bn_group_size, name="downsample_layers_0")(x, train)
         else:
-            x = Downsample(model.embed_dim[i], dt, pdt, name=f"downsample_layers_{i}")(x, train)
+            x = Downsample(model.embed_dim[i], dt, pdt, model.bn_group_size, name=f"downsample_layers_{i}")(x, train)
         # remat per stage, the official use_checkpoint_stages; `train` is static.
         cls = nn.remat(block_cls, static_argnums=(2,)) if i in model.use_checkpoint_stages else block_cls
         kwargs = dict(
@@ -204,7 +207,7 @@ def classifier(model: nn.Module, x: jax.Array, train: bool, head_fan_in: Any = N
 
     `head_fan_in`: PyTorch's default Linear init for the head (see `layers.dense`)."""
     dt, pdt = model.dtype, model.param_dtype
-    x = BatchNorm(dtype=dt, param_dtype=pdt, name="norm")(x, train)
+    x = BatchNorm(group_size=model.bn_group_size, dtype=dt, param_dtype=pdt, name="norm")(x, train)
     out_dtype = jnp.promote_types(dt, jnp.float32)
     x = jnp.mean(x.astype(out_dtype), axis=(1, 2)).astype(dt)  # (N, C)
     if model.num_classes > 0:

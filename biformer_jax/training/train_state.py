@@ -70,15 +70,24 @@ def init_train_state(
 
 
 def ema_update(ema_tree: Any, new_tree: Any, decay: float) -> Any:
-    """timm ModelEma: ema = decay * ema + (1 - decay) * new for float leaves; integers are copied.
+    """timm ModelEma: ema = decay * ema + (1 - decay) * new for every leaf, as its state_dict loop does.
 
-    timm averages every state_dict entry, BatchNorm running statistics included; its integer
-    `num_batches_tracked` counter is not meaningfully averaged, so it follows the model.
+    Float leaves (BatchNorm running statistics included) are averaged in float32. The integer
+    `num_batches_tracked` is averaged too: timm multiplies the int64 tensor by the Python float
+    decay (a float32 result), adds (1 - decay) * new, and `copy_` truncates toward zero into the
+    integer, so the EMA counter stays 0 until (1 - decay) * steps reaches 1 and then lags the
+    model's. Same arithmetic here, so an exported EMA state_dict holds the official counter.
     """
+    d, rest = jnp.float32(decay), jnp.float32(1.0 - decay)  # Python computes 1 - decay in double
 
     def update(e, n):
         if not jnp.issubdtype(n.dtype, jnp.floating):
-            return n
-        return (decay * e.astype(jnp.float32) + (1.0 - decay) * n.astype(jnp.float32)).astype(e.dtype)
+            # PyTorch rounds each product to float32 before the sum (separate kernels). The
+            # maximum with 0 (counters are >= 0, so it changes nothing) keeps the compiler from
+            # contracting product and sum into one fused multiply-add, which rounds once and can
+            # move the truncated counter by 1 (decay 0.9: 7 instead of 6 at step 16).
+            a, b = (jnp.maximum(p, 0.0) for p in (d * e.astype(jnp.float32), rest * n.astype(jnp.float32)))
+            return jnp.trunc(a + b).astype(e.dtype)
+        return (d * e.astype(jnp.float32) + rest * n.astype(jnp.float32)).astype(e.dtype)
 
     return jax.tree.map(update, ema_tree, new_tree)

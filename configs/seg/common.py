@@ -91,6 +91,11 @@ def get_base_config(model: str, *, drop_path_rate: float) -> ml_collections.Conf
     config.compute_dtype = "bfloat16"  # parameters, optimiser state and BN statistics stay float32
     config.grad_accum_steps = 1
     config.remat_stages = ()
+    # The backbone's BatchNorms (stem, downsampling) in training over groups of this many images;
+    # 0: the whole global batch (SyncBN). The heads' BatchNorms are always SyncBN, as configured.
+    # BiFormer's BiFormer_mm converts its backbone to SyncBN (models_mm/biformer_mm.py, "step 4"):
+    # 0. DeBiFormer's segmentation backbone keeps plain nn.BatchNorm2d under DDP: its configs set 2.
+    config.bn_group_size = 0
     return config
 
 

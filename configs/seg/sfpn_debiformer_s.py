@@ -26,4 +26,8 @@ def get_config(arg=None):
     config.optim.min_lr_ratio = 1e-10
     config.eval_every_steps = 16000
     config.checkpoint.every_steps = 16000
+    # The backbone's stem / downsampling BatchNorms are plain nn.BatchNorm2d under DDP (no SyncBN
+    # conversion in segmentation/debiformer.py or train.py; only the heads' norm_cfg is SyncBN),
+    # so they normalise each GPU's samples_per_gpu=2 images (fpn_512_debi_small_80k.py).
+    config.bn_group_size = 2
     return common.finish(config, arg)

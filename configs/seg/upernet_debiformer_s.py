@@ -24,4 +24,8 @@ def get_config(arg=None):
     config.optim.warmup_iters = 3000
     config.optim.warmup_ratio = 2e-6
     config.eval.size_divisor = 32
+    # The backbone's stem / downsampling BatchNorms are plain nn.BatchNorm2d under DDP (no SyncBN
+    # conversion in segmentation/debiformer.py or train.py; only the heads' norm_cfg is SyncBN),
+    # so they normalise each GPU's samples_per_gpu=2 images (upernet_512_debi_small_160k.py).
+    config.bn_group_size = 2
     return common.finish(config, arg)

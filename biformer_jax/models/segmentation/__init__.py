@@ -38,10 +38,18 @@ def _debiformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
     )
 
 
+# How the heads started in the official runs (heads.py): rayleizhu/BiFormer
+# semantic_segmentation/train.py builds the segmentor and never calls init_weights() (mmseg 0.30
+# does not call it either), so conv_seg kept PyTorch's default init and the FPN convs mmcv
+# ConvModule's kaiming init; maclong01/DeBiFormer segmentation/train.py calls
+# model.init_weights() (conv_seg normal 0.01, FPN Xavier).
+HEAD_INIT = {"biformer": "constructor", "debiformer": "init_weights"}
+
+
 def _segmentor(backbone: str, args: dict[str, Any], **heads: Any) -> dict[str, Any]:
     # Every segmentation backbone scans its blocks at inference (stages.scanned_blocks): whole-image
     # evaluation at 512 x 2048 compiles one block per stage and peaks at half the memory.
-    return dict(backbone=backbone, backbone_args=dict(args, scan_blocks=True), **heads)
+    return dict(backbone=backbone, backbone_args=dict(args, scan_blocks=True), head_init=HEAD_INIT[backbone], **heads)
 
 
 def _sfpn(backbone: str, args: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from biformer_jax.models.layers import Dtype
-from biformer_jax.models.segmentation.heads import ConvModule, cls_seg, xavier_uniform
+from biformer_jax.models.segmentation.heads import ConvModule, check_head_init, cls_seg, kaiming_fan_out, xavier_uniform
 from biformer_jax.ops.resize import resize_bilinear, resize_nearest
 
 
@@ -25,17 +25,21 @@ class FPN(nn.Module):
 
     Laterals are 1x1 convs (`lateral_convs_i`); the top-down path adds each level, resized
     by PyTorch's 'nearest' to the next lower level's size, into that level; `fpn_convs_i`
-    (3x3) then make the outputs. Convs have a bias and neither norm nor activation.
+    (3x3) then make the outputs. Convs have a bias and neither norm nor activation; their
+    kernels start Xavier-uniform (`head_init` 'init_weights') or kaiming-normal ('constructor').
     """
 
     out_channels: int = 256
     conv_impl: str = "auto"
+    head_init: str = "init_weights"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
-        kw = dict(norm=False, kernel_init=xavier_uniform, conv_impl=self.conv_impl, dtype=self.dtype)
+        check_head_init(self.head_init)
+        init = xavier_uniform if self.head_init == "init_weights" else kaiming_fan_out
+        kw = dict(norm=False, kernel_init=init, conv_impl=self.conv_impl, dtype=self.dtype)
         kw["param_dtype"] = self.param_dtype
         laterals = [
             ConvModule(self.out_channels, 1, name=f"lateral_convs_{i}", **kw)(f) for i, f in enumerate(features)
@@ -65,6 +69,7 @@ class FPNHead(nn.Module):
     feature_strides: Sequence[int] = (4, 8, 16, 32)
     dropout_ratio: float = 0.1
     conv_impl: str = "auto"
+    head_init: str = "init_weights"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -87,4 +92,6 @@ class FPNHead(nn.Module):
                 if upsample:
                     x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
             output = x if output is None else output + resize_bilinear(x, output.shape[1:3])
-        return cls_seg(output, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype)
+        return cls_seg(
+            output, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype, self.head_init
+        )

@@ -11,8 +11,13 @@ Ported from open-mmlab/mmsegmentation (`mmseg/models/decode_heads/decode_head.py
 - `cls_seg`: channel dropout (`nn.Dropout2d`: whole feature maps, per sample, ratio 0.1 in
   the configs) then the 1x1 `conv_seg`.
 
-Initialisation follows mmseg: ConvModule convs kaiming-normal (fan_out, ReLU gain) with zero
-bias, norms 1/0, `conv_seg` normal(0, 0.01) with zero bias.
+Initialisation follows what the official runs ran (`head_init`): ConvModule convs are
+kaiming-normal (fan_out, ReLU gain) with zero bias and norms 1/0 either way (mmcv's ConvModule
+initialises itself in its constructor). With 'init_weights' (mmseg's `init_weights()`, which
+DeBiFormer's segmentation/train.py calls) `conv_seg` is normal(0, 0.01) with zero bias and the
+FPN neck's convs Xavier-uniform; with 'constructor' (BiFormer's semantic_segmentation/train.py
+never calls it, and mmseg 0.30's constructors do not) `conv_seg` keeps PyTorch's default Conv2d
+init, U(+-1/sqrt(fan_in)) for weight and bias, and the neck keeps ConvModule's kaiming init.
 """
 
 from __future__ import annotations
@@ -21,15 +26,34 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.models.layers import BatchNorm, Dtype, Initializer, im2col_conv, resolve_conv_impl
+from biformer_jax.models.layers import (
+    BatchNorm,
+    Dtype,
+    Initializer,
+    conv_init,
+    fan_in_uniform_bias,
+    im2col_conv,
+    resolve_conv_impl,
+)
 
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 xavier_uniform = nn.initializers.xavier_uniform()
 conv_seg_init = nn.initializers.normal(0.01)
+HEAD_INITS = ("init_weights", "constructor")  # see the module docstring
+
+
+def check_head_init(head_init: str) -> None:
+    if head_init not in HEAD_INITS:
+        raise ValueError(
+            f"head_init={head_init!r}: use 'init_weights' (mmseg's init_weights() was called, as in "
+            "DeBiFormer's train.py) or 'constructor' (it was not, as in BiFormer's)."
+        )
 
 
 class Conv(nn.Module):
-    """`nn.Conv2d(in, features, k, padding=k // 2)` on NHWC; params `kernel` (kh, kw, in, out), `bias`."""
+    """`nn.Conv2d(in, features, k, padding=k // 2)` on NHWC; params `kernel` (kh, kw, in, out), `bias`.
+
+    The bias starts at zero, or with `torch_bias_init` at PyTorch's default U(+-1/sqrt(fan_in))."""
 
     features: int
     kernel_size: int
@@ -38,6 +62,7 @@ class Conv(nn.Module):
     impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    torch_bias_init: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,7 +78,8 @@ class Conv(nn.Module):
                 x, kernel, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+            bias_init = fan_in_uniform_bias(k * k * x.shape[-1]) if self.torch_bias_init else nn.initializers.zeros
+            y = y + self.param("bias", bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
 
 
@@ -83,15 +109,34 @@ class ConvModule(nn.Module):
 
 
 def cls_seg(
-    x: jax.Array, num_classes: int, dropout_ratio: float, train: bool, dtype: Dtype, param_dtype: Dtype
+    x: jax.Array,
+    num_classes: int,
+    dropout_ratio: float,
+    train: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    head_init: str = "init_weights",
 ) -> jax.Array:
     """mmseg's `BaseDecodeHead.cls_seg`, called inside a head's compact method (makes `conv_seg`).
 
-    Dropout2d zeroes whole channels per sample: the mask broadcasts over H and W.
+    Dropout2d zeroes whole channels per sample: the mask broadcasts over H and W. `head_init`
+    picks `conv_seg`'s initial values (module docstring).
     """
+    check_head_init(head_init)
     if dropout_ratio > 0:
         x = nn.Dropout(dropout_ratio, broadcast_dims=(1, 2), deterministic=not train)(x)
-    conv = Conv(num_classes, 1, True, conv_seg_init, dtype=dtype, param_dtype=param_dtype, name="conv_seg")
+    torch_default = head_init == "constructor"
+    kernel_init = conv_init if torch_default else conv_seg_init
+    conv = Conv(
+        num_classes,
+        1,
+        True,
+        kernel_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        torch_bias_init=torch_default,
+        name="conv_seg",
+    )
     return conv(x).astype(jnp.float32)
 
 
@@ -110,6 +155,7 @@ class FCNHead(nn.Module):
     concat_input: bool = False
     dropout_ratio: float = 0.1
     conv_impl: str = "auto"
+    head_init: str = "init_weights"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -126,4 +172,4 @@ class FCNHead(nn.Module):
             y = ConvModule(self.channels, self.kernel_size, name="conv_cat", **kw)(
                 jnp.concatenate([x.astype(y.dtype), y], axis=-1), train
             )
-        return cls_seg(y, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype)
+        return cls_seg(y, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype, self.head_init)

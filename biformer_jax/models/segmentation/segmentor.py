@@ -12,7 +12,12 @@ float32 decode-head logits (before any resize to the input size);
 None for a model without an auxiliary head, so one loss function serves both);
 `return_features=True` appends the backbone's four NHWC maps (after `extra_norms`) to the
 returned tuple. In train mode pass rngs `dropout` and `drop_path`, and make `batch_stats`
-mutable (BatchNorm on batch statistics: SyncBN over the global batch under `jax.jit`).
+mutable (the heads' BatchNorm on batch statistics: SyncBN over the global batch under
+`jax.jit`; the backbone's over groups of its `bn_group_size` images when set).
+
+`head_init` is how the heads start (`heads.py`): 'init_weights' where the official training
+script called mmseg's `init_weights()` (DeBiFormer), 'constructor' where it did not (BiFormer);
+the variants table sets it per family.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from flax import linen as nn
 from biformer_jax.models.layers import Dtype
 from biformer_jax.models.segmentation.backbone import BACKBONES
 from biformer_jax.models.segmentation.fpn import FPN, FPNHead
-from biformer_jax.models.segmentation.heads import FCNHead
+from biformer_jax.models.segmentation.heads import FCNHead, check_head_init
 from biformer_jax.models.segmentation.uper import UPerHead
 
 DECODE_HEADS = ("fpn", "uper")
@@ -49,6 +54,7 @@ class EncoderDecoder(nn.Module):
     aux_channels: int = 256
     aux_in_index: int = 2
     conv_impl: str = "auto"
+    head_init: str = "init_weights"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -78,7 +84,8 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         self.validate()
-        kw = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        check_head_init(self.head_init)
+        kw = dict(conv_impl=self.conv_impl, head_init=self.head_init, dtype=self.dtype, param_dtype=self.param_dtype)
         bb = {"dtype": self.dtype, "param_dtype": self.param_dtype, **self.backbone_config}
         self.backbone_net = BACKBONES[self.backbone](**bb, name="backbone")
         if self.decode_head == "fpn":

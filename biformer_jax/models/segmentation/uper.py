@@ -37,6 +37,7 @@ class UPerHead(nn.Module):
     pool_scales: Sequence[int] = (1, 2, 3, 6)
     dropout_ratio: float = 0.1
     conv_impl: str = "auto"
+    head_init: str = "init_weights"  # conv_seg's initial values (heads.py)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,4 +69,4 @@ class UPerHead(nn.Module):
         size = outs[0].shape[1:3]
         outs = [outs[0]] + [resize_bilinear(x, size) for x in outs[1:]]
         y = self._conv(3, "fpn_bottleneck")(jnp.concatenate(outs, axis=-1), train)  # (N, H/4, W/4, channels)
-        return cls_seg(y, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype)
+        return cls_seg(y, self.num_classes, self.dropout_ratio, train, self.dtype, self.param_dtype, self.head_init)

@@ -5,7 +5,8 @@ The loss is mmseg's: the decode head's logits (1/4 of the input) bilinearly resi
 (ignored ones count as 0: mmseg's CrossEntropyLoss with avg_non_ignore=False, its default; set
 `avg_non_ignore` for the mean over labelled pixels only); UperNet adds its auxiliary FCN head's
 loss times `aux_weight` (0.4). BatchNorm in train mode normalises over the whole global batch
-(the batch is one sharded array under jit): the official SyncBN.
+(the batch is one sharded array under jit): the official SyncBN; a backbone with
+`bn_group_size` normalises its own BatchNorms per group of that many images (DeBiFormer's).
 """
 
 from __future__ import annotations
