@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from support.segmentation import write_mini_ade
 
-from biformer_jax.data import seg_config, seg_pipeline, seg_sources, seg_transforms, shapes
-from biformer_jax.data.sources import DatasetNotPreparedError
+from biformer_jax.data import seg_config, seg_pipeline, seg_prepare, seg_sources, seg_transforms, shapes
+from biformer_jax.data.sources import BadImageError, DatasetNotPreparedError
 
 
 def ade_cfg(root, **kw):
@@ -63,6 +63,52 @@ def test_label_of_another_size_is_refused(tmp_path):
     source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
     with pytest.raises(seg_sources.SegDataError, match=r"label map is 40x30 .* but its image .* is 40x32"):
         source.read([0])
+
+
+def _ade_with_corrupt_files(tmp_path):
+    """3 training examples: 0 good, 1 a JPEG truncated mid-upload, 2 a label PNG that is an HTML page."""
+    root = write_mini_ade(tmp_path / "ade", {"training": [(32, 40)] * 3, "validation": [(32, 32)]})
+    seg_sources.scan_split.cache_clear()
+    image = root / "images" / "training" / "ADE_train_00000001.jpg"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])
+    (root / "annotations" / "training" / "ADE_train_00000002.png").write_text("<html>403 Forbidden</html>")
+    return root
+
+
+@pytest.mark.parametrize(
+    "index, bad",
+    [(1, "images/training/ADE_train_00000001.jpg"), (2, "annotations/training/ADE_train_00000002.png")],
+    ids=["truncated_image", "label_not_an_image"],
+)
+def test_a_corrupt_file_fails_naming_it(tmp_path, index, bad):
+    root = _ade_with_corrupt_files(tmp_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
+    assert source.read([0])[0][0].shape == (32, 40, 3)  # the good example reads
+    with pytest.raises(BadImageError, match=rf"Cannot decode the .* file {root}/{bad} .*bad_images"):
+        source.read([index])
+
+
+def test_a_corrupt_file_is_skipped_by_choice_with_its_path_logged(tmp_path, caplog):
+    root = _ade_with_corrupt_files(tmp_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root, bad_images="skip"), "train")
+    with caplog.at_level("WARNING"):
+        (img1, lab1), (img0, lab0) = source.read([1, 0])
+    # 1 (truncated) -> 2 (label not an image) -> 0, wrapping around the split.
+    np.testing.assert_array_equal(img1, img0)
+    np.testing.assert_array_equal(lab1, lab0)
+    assert f"{root}/images/training/ADE_train_00000001.jpg" in caplog.text
+    assert f"{root}/annotations/training/ADE_train_00000002.png" in caplog.text
+    with pytest.raises(ValueError, match="bad_images 'ignore' is not one of"):
+        seg_sources.open_seg_source(ade_cfg(root, bad_images="ignore"), "train")
+
+
+def test_prepare_decodes_every_file_and_names_the_corrupt_ones(tmp_path, caplog):
+    root = _ade_with_corrupt_files(tmp_path)
+    with pytest.raises(seg_sources.SegDataError, match=r"(?s)2 example\(s\) need fixing.*00000001.jpg.*00000002.png"):
+        seg_prepare.prepare_seg_dataset(ade_cfg(root))
+    with caplog.at_level("WARNING"):
+        info = seg_prepare.prepare_seg_dataset(ade_cfg(root, bad_images="skip"))
+    assert info.num_train_examples == 3 and "ADE_train_00000001.jpg" in caplog.text
 
 
 def test_class_id_beyond_num_classes_is_refused(tmp_path):
