@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 from jax import export as jax_export
-from support import train_testlib
+from support import required, train_testlib
 
 from biformer_jax import inference, models
 from biformer_jax.convert import files as convert_files
@@ -121,8 +121,7 @@ def test_region_padding_traces_with_symbolic_dims():
 
 
 def test_debiformer_to_onnx_names_the_op_it_cannot_express_and_converts_with_xla_ties(tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (scripts/setup.sh: requirements-onnx.txt)")
-    pytest.importorskip("jax2onnx", reason="jax2onnx is not installed (scripts/setup.sh: requirements-onnx.txt)")
+    required.onnxruntime()
     from biformer_jax.export import onnx as onnx_export
 
     loaded = _loaded(tmp_path, "debiformer_micro")

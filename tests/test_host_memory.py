@@ -1,16 +1,15 @@
 """Compiling for inference releases the compiler's freed memory and gives the jitted function."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import required
 
 from biformer_jax import host_memory
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's (Linux)")
+@required.LINUX_ONLY
 def test_release_freed_memory_finds_glibc():
     assert host_memory.release_freed_memory() is True
 

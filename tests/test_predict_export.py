@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from support import train_testlib
+from support import required, train_testlib
 
 from biformer_jax import inference, models
 from biformer_jax.convert import files as convert_files
@@ -185,12 +185,7 @@ def test_export_writes_nothing_when_the_check_fails(workdir, tmp_path, monkeypat
 
 
 def test_onnx_round_trip_at_batch_1_and_3(workdir, tmp_path):
-    ort = pytest.importorskip(
-        "onnxruntime", reason="onnxruntime is not installed (scripts/setup.sh installs requirements-onnx.txt)"
-    )
-    pytest.importorskip(
-        "jax2onnx", reason="jax2onnx is not installed (scripts/setup.sh installs requirements-onnx.txt)"
-    )
+    ort = required.onnxruntime()
     from biformer_jax.export import onnx as onnx_export
 
     loaded = inference.load(str(workdir), model_overrides={"dwconv_impl": "conv"})
