@@ -170,6 +170,14 @@ def test_photometric_distortion_is_deterministic_and_bounded():
     b = seg_transforms.photometric_distortion(img, np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.uint8 and not np.array_equal(a, img)
+    # Bounded as documented: on a grey image (saturation 0, so the hue and saturation steps keep
+    # it grey) only brightness +-32 and contrast x [0.5, 1.5] act, in either order, each maybe:
+    # every output is grey and within [(100 - 32) * 0.5, (100 + 32) * 1.5] = [34, 198].
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    outs = np.array([seg_transforms.photometric_distortion(grey, np.random.default_rng(s))[0, 0] for s in range(400)])
+    assert (outs == outs[:, :1]).all() and outs.min() >= 34 and outs.max() <= 198
+    assert outs.min() < 55 and outs.max() > 170  # the ranges are used, not only their middle
+    assert 0.15 < np.mean(outs[:, 0] == 100) < 0.35  # both steps skipped: 1/4 of the draws
 
 
 def test_train_batches_are_a_function_of_seed_and_step_whatever_the_hosts(mini_ade):
