@@ -77,7 +77,7 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = -1  # -1: once per epoch
     config.checkpoint.keep = 3
-    config.checkpoint.keep_best = True
+    config.checkpoint.keep_best = 1  # also keep the N best by best_metric (0: none)
     config.checkpoint.best_metric = "eval/top1"  # the highest is kept; for a loss, the lowest
     config.checkpoint.asynchronous = True
 

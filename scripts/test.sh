@@ -9,10 +9,12 @@ bash scripts/setup.sh
 # install stops here.
 .venv/bin/python -m pip install -q "torch==2.13.0" \
   || { echo "error: pip could not install torch==2.13.0 (the .pth tests need it)" >&2; exit 1; }
-# Parity data and torch are required here: a missing golden file or torch fails its tests
-# (with the reason) instead of skipping them. Set either to 0 to allow skips on a laptop.
+# Parity data, torch and the ONNX exporter/runtime (setup.sh installs them) are required here: a
+# missing golden file, torch, jax2onnx or onnxruntime fails its tests (with the reason) instead of
+# skipping them. Set any of these to 0 to allow skips on a laptop.
 export BIFORMER_REQUIRE_GOLDEN="${BIFORMER_REQUIRE_GOLDEN:-1}"
 export BIFORMER_REQUIRE_TORCH="${BIFORMER_REQUIRE_TORCH:-1}"
+export BIFORMER_REQUIRE_ONNX="${BIFORMER_REQUIRE_ONNX:-1}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # One worker per core, each test file kept on one worker (module fixtures are built once).

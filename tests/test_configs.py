@@ -1,21 +1,29 @@
-"""Every config file loads (plain and :runlocal), passes the data checks and builds its model (eval_shape only)."""
+"""Every config file loads (plain and :runlocal), passes the data checks and builds its model (eval_shape only):
+the classification configs, the segmentation configs (configs/seg/) and the sweeps (configs/sweeps/)."""
 
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from biformer_jax import models
 from biformer_jax.data import config as data_config
+from biformer_jax.data.segmentation import config as seg_config
+from biformer_jax.data.segmentation import sources as seg_sources
 from biformer_jax.models import from_config
+from biformer_jax.training import sweeps
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Every experiment config file (a new one is checked without being listed here).
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
+SEG_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "seg").glob("*.py") if p.stem not in ("__init__", "common"))
+SWEEPS = sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.py"))
 # Official recipes: (model, drop_path_rate, global batch, base lr per 512 images, warmup epochs, weight decay, EMA).
 RECIPES = {
     "biformer_t": ("biformer_tiny", 0.1, 1024, 5e-4, 5.0, 0.05, 0.99996),
@@ -48,6 +56,47 @@ def test_config_loads_and_builds_its_model(name, arg):
     variables = from_config.abstract_variables(model, config.data.image_size)
     assert variables["params"]["head"]["kernel"].shape[-1] == num_classes
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) > 0
+
+
+def test_every_config_file_under_configs_is_checked():
+    files = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.py")}
+    files -= {"__init__.py", "common.py", "seg/__init__.py", "seg/common.py"}
+    checked = {f"{n}.py" for n in CONFIGS} | {f"seg/{n}.py" for n in SEG_CONFIGS} | {f"sweeps/{n}" for n in SWEEPS}
+    assert files == checked and len(SEG_CONFIGS) == 9 and SWEEPS
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("name", SEG_CONFIGS)
+def test_segmentation_config_loads_and_builds_its_model(name, arg):
+    config = importlib.import_module(f"configs.seg.{name}").get_config(arg)
+    if config.data.name == "ade20k":
+        assert config.data.root == ""  # set on the command line: --config.data.root=...
+        config.data.root = "/data/ADEChallengeData2016"
+    seg_config.validate_seg_config(config.data)
+    seg_config.validate_eval_config(config.eval)
+    assert config.task == "segmentation"
+    assert config.model in models.list_models(), f"configs/seg/{name}.py: model {config.model!r} is not registered"
+    if arg == "runlocal":
+        return  # the same model: built once, below, for the plain config
+    names = seg_sources.read_class_names(config.data)  # ADE20K's and the shapes' need no dataset
+    model = from_config.model_from_config(config, len(names))
+    x = jax.ShapeDtypeStruct((1, *config.data.crop_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    assert variables["params"]["decode_head"]["conv_seg"]["kernel"].shape[-1] == len(names)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_points_apply_to_the_config_they_name(name):
+    path = ROOT / "configs" / "sweeps" / name
+    base = re.search(r"--config=configs/(\S+)\.py", path.read_text())  # the launch command in its docstring
+    assert base, f"configs/sweeps/{name} should name its --config=configs/<name>.py in its docstring"
+    config = importlib.import_module("configs." + base.group(1).replace("/", ".")).get_config(None)
+    points = sweeps.load_sweep(path)
+    assert len({sweeps.run_name(p) for p in points}) == len(points) > 1
+    for point in points:
+        run = sweeps.apply_overrides(config, point)  # an unknown field fails here, naming it
+        data_config.validate_config(run.data)
+        assert all(run[k.split(".")[0]] is not None for k in point)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -121,7 +121,8 @@ def test_micro_trains_on_digits():
     """30 AdamW steps on sklearn's handwritten digits (8x8 -> 32x32): every parameter gets a
     gradient (the offset network through the sampling positions, the bias table through its
     samples) and the loss falls."""
-    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn provides the digits dataset")
+    from sklearn import datasets  # requirements.txt: the quickstart's digits
+
     digits = datasets.load_digits()
     images = digits.images.astype(np.float32)[..., None] / 16.0  # (1797, 8, 8, 1)
     images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # (1797, 32, 32, 1)

@@ -3,8 +3,10 @@
 Each case builds a model (or calls the op) with one bad setting and checks the error names the
 problem: wrong rank, per-stage lists of the wrong length, representation_size / pe, n_win <= 0,
 kv_per_wins / kv_downsample_ratios, param_routing without diff_routing, param_attention, the
-conv / dwconv / attention implementation names, and the routed-attention shape checks. Models
-are traced with `jax.eval_shape` (the checks run while tracing), so nothing is compiled.
+conv / dwconv / attention implementation names, and the routed-attention shape checks; and the
+checks of DeBiFormer's deformable attention, the routing settings, the segmentation models,
+heads, backbones and classifier-weight loading (issue 25, item 11). Models are traced with
+`jax.eval_shape` (the checks run while tracing), so nothing is compiled.
 """
 
 from __future__ import annotations
@@ -13,9 +15,21 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from biformer_jax import models
+from biformer_jax.models import deformable
+from biformer_jax.models.routing import RoutingSettings
+from biformer_jax.models.segmentation import (
+    SEGMENTATION_VARIANTS,
+    EncoderDecoder,
+    backbone,
+    build_segmentation_model,
+    fpn,
+    heads,
+    pretrained,
+)
 from biformer_jax.ops import conv
 from biformer_jax.ops import routed_attention as ra
 
@@ -103,6 +117,18 @@ DEBIFORMER_CASES = {
     "param_size": (dict(param_size="huge", deform_settings=None), None, "param_size='huge' is not one of"),
     "before_attn_dwconv": (dict(before_attn_dwconv=5), None, "before_attn_dwconv=5"),
     "dwconv_impl": (dict(dwconv_impl="fft"), None, "dwconv_impl='fft' is not one of"),
+    "all_regions_topk": (dict(all_regions_topk=5), None, "all_regions_topk=5: the topk -2 blocks route to between 1"),
+    "param_size_width": (dict(param_size="small", deform_settings=None), None, "for stage widths [64, 128, 256, 512]"),
+    "n_groups": (
+        dict(deform_settings=((3, 9, 8, 3, 16), (2, 7, 4, 3, 8), (4, 5, 2, 3, 4), (8, 3, 1, 1, 2))),
+        None,
+        "into n_groups=3 groups; choose n_groups dividing both",
+    ),
+    "even_offset_kernel": (
+        dict(deform_settings=((1, 8, 8, 3, 16), (2, 7, 4, 3, 8), (4, 5, 2, 3, 4), (8, 3, 1, 1, 2))),
+        None,
+        "invalid deformable settings DeformSettings(n_groups=1, offset_kernel=8",
+    ),
 }
 
 
@@ -149,3 +175,95 @@ def test_routed_attention_impl_name():
     q, kv, r_idx = _attention_inputs()
     with pytest.raises(ValueError, match=re.escape("routed attention impl='flash' is not one of")):
         ra.routed_attention(q, kv, r_idx, None, num_heads=2, scale=1.0, impl="flash")
+
+
+def test_deformable_attention_routes_to_some_regions():
+    # DeBiFormer's blocks only build it for topk 4 / 8 / 16; a direct use with topk 0 is refused.
+    attn = deformable.DeBiLevelRoutingAttention(
+        16, RoutingSettings(num_heads=2, n_win=2, topk=0), settings=(1, 3, 1, 1, 2)
+    )
+    with pytest.raises(ValueError, match=re.escape("routes to topk > 0 regions, got topk=0")):
+        attn.check(attn.resolved_settings())
+
+
+def test_routing_settings_need_widths_divisible_by_the_heads():
+    # The models check head_dim first; RoutingSettings checks what a direct user passes.
+    with pytest.raises(ValueError, match=re.escape("qk_dim (16) and dim (12) divisible by num_heads (8)")):
+        RoutingSettings(num_heads=8, qk_dim=16).check(12)
+    with pytest.raises(ValueError, match=re.escape("qk_dim (16) and dim (16) divisible by num_heads (0)")):
+        RoutingSettings(num_heads=0).check(16)
+
+
+SEGMENTATION_CASES = {
+    "backbone": (dict(backbone="swin"), "backbone='swin' is not one of ['biformer', 'debiformer']"),
+    "decode_head": (dict(decode_head="aspp"), "decode_head='aspp' is not one of"),
+    "num_classes": (dict(num_classes=0), "num_classes=0: a segmentation model needs at least one class"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEGMENTATION_CASES))
+def test_segmentor_input_checks(case):
+    kwargs, message = SEGMENTATION_CASES[case]
+    model = EncoderDecoder(**{**SEGMENTATION_VARIANTS["sfpn_biformer_micro"], **kwargs})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+
+def test_segmentation_model_names_and_arguments():
+    with pytest.raises(ValueError, match=re.escape("Unknown segmentation model 'sfpn_swin'; available: ")):
+        build_segmentation_model("sfpn_swin")
+    with pytest.raises(TypeError, match=re.escape("sfpn_biformer_micro got unknown argument(s) ['topk']")):
+        build_segmentation_model("sfpn_biformer_micro", topk=3)
+
+
+@pytest.mark.parametrize("cls", [backbone.BiFormerBackbone, backbone.DeBiFormerBackbone])
+def test_backbones_have_no_classifier(cls):
+    model = cls(features_only=False)
+    with pytest.raises(ValueError, match=re.escape(f"{cls.__name__} has no classifier: leave features_only=True")):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+
+
+def _features(strides=(4, 8, 16, 32), side=64):
+    return [jax.ShapeDtypeStruct((1, side // s, side // s, 8), jnp.float32) for s in strides]
+
+
+@pytest.mark.parametrize(
+    "strides, message",
+    [((4, 8, 16), "feature_strides (4, 8, 16) must give one stride per input level (4 levels)"),
+     ((8, 4, 16, 32), "feature_strides (8, 4, 16, 32) must give one stride per input level (4 levels), the finest")],
+)  # fmt: skip
+def test_fpn_head_needs_one_stride_per_level_finest_first(strides, message):
+    head = fpn.FPNHead(num_classes=3, channels=8, feature_strides=strides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jax.eval_shape(lambda f: head.init(jax.random.key(0), f), _features())
+
+
+def test_fcn_head_needs_a_conv():
+    head = heads.FCNHead(num_classes=3, channels=8, num_convs=0)
+    with pytest.raises(ValueError, match=re.escape("FCNHead needs num_convs >= 1 (mmseg asserts it), got 0")):
+        jax.eval_shape(lambda f: head.init(jax.random.key(0), f), _features())
+
+
+def test_classifier_weights_must_fit_the_backbone():
+    seg = {
+        "params": {
+            "backbone": {"stem": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}},
+            "decode_head": {"b": np.zeros(3, np.float32)},
+        }
+    }
+    other = {
+        "params": {
+            "stem": {"kernel": np.zeros((3, 3, 3, 16), np.float32)},
+            "head": {"kernel": np.zeros((16, 5), np.float32)},
+        }
+    }
+    with pytest.raises(ValueError, match=re.escape("params/backbone/stem/kernel: classifier (3, 3, 3, 16), model (3,")):
+        pretrained.init_backbone_from_classifier(seg, other)
+    unrelated = {"params": {"encoder": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}
+    with pytest.raises(ValueError, match=re.escape("The classifier shares no array with this backbone")):
+        pretrained.init_backbone_from_classifier(seg, unrelated)
+    loaded, names, fresh = pretrained.init_backbone_from_classifier(
+        seg, {"params": {"stem": {"kernel": np.ones((3, 3, 3, 8), np.float32)}}}
+    )
+    assert names == ["params/backbone/stem/kernel"] and fresh == ["params/decode_head/b"]
+    assert float(loaded["params"]["backbone"]["stem"]["kernel"].sum()) == 3 * 3 * 3 * 8

@@ -92,9 +92,30 @@ def test_gpu_kernel_in_interpreter_bfloat16():
     assert_all_close([a.astype(jnp.float32) for a in got], want, 2e-2, "gpu bf16")
 
 
-def test_pallas_on_cpu_runs_the_xla_path():
-    """impl='pallas' outside interpret mode lowers for CPU to the XLA gather path: jitted or not."""
+def test_pallas_on_cpu_runs_the_xla_path(monkeypatch):
+    """impl='pallas' outside interpret mode lowers for CPU to the XLA gather path: jitted or not.
+
+    Which path ran is observed, not inferred from equal values: the op goes through the
+    per-platform dispatch primitive, its CPU program holds no custom call (no kernel), the
+    kernels' Python is never traced (it would raise here) and the dispatch's XLA path is."""
+    from biformer_jax.ops import pallas_dispatch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Pallas kernel was traced for CPU")
+
+    for module, name in [(pallas_dispatch.gpu, "attend_forward"), (pallas_dispatch.gpu, "attend_backward")] + [
+        (pallas_dispatch.tpu, "tpu_forward"),
+        (pallas_dispatch.tpu, "tpu_backward"),
+    ]:
+        monkeypatch.setattr(module, name, refuse)
+    traced = []
+    xla_forward = pallas_dispatch._xla_forward
+    monkeypatch.setattr(pallas_dispatch, "_xla_forward", lambda *a: traced.append(1) or xla_forward(*a))
     q, kv, r_idx, r_weight, ct = make_inputs((2, 9, 4, 4, 16, 24, 2, 3), soft=True)
+    pallas = lambda q, kv, w: routed_attention(q, kv, r_idx, w, num_heads=2, scale=0.3, impl="pallas")  # noqa: E731
+    assert "routed_attention_per_platform" in str(jax.make_jaxpr(pallas)(q, kv, r_weight))
+    assert "custom_call" not in jax.jit(pallas).lower(q, kv, r_weight).as_text()
+    assert traced
     want = value_and_grads(
         lambda q, kv, w: routed_attention(q, kv, r_idx, w, num_heads=2, scale=0.3), q, kv, r_idx, r_weight, ct
     )

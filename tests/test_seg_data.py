@@ -7,10 +7,11 @@ from support.segmentation import write_mini_ade
 
 from biformer_jax.data.segmentation import config as seg_config
 from biformer_jax.data.segmentation import pipeline as seg_pipeline
+from biformer_jax.data.segmentation import prepare as seg_prepare
 from biformer_jax.data.segmentation import shapes
 from biformer_jax.data.segmentation import sources as seg_sources
 from biformer_jax.data.segmentation import transforms as seg_transforms
-from biformer_jax.data.sources import DatasetNotPreparedError
+from biformer_jax.data.sources import BadImageError, DatasetNotPreparedError
 
 
 def ade_cfg(root, **kw):
@@ -67,6 +68,52 @@ def test_label_of_another_size_is_refused(tmp_path):
     source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
     with pytest.raises(seg_sources.SegDataError, match=r"label map is 40x30 .* but its image .* is 40x32"):
         source.read([0])
+
+
+def _ade_with_corrupt_files(tmp_path):
+    """3 training examples: 0 good, 1 a JPEG truncated mid-upload, 2 a label PNG that is an HTML page."""
+    root = write_mini_ade(tmp_path / "ade", {"training": [(32, 40)] * 3, "validation": [(32, 32)]})
+    seg_sources.scan_split.cache_clear()
+    image = root / "images" / "training" / "ADE_train_00000001.jpg"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3])
+    (root / "annotations" / "training" / "ADE_train_00000002.png").write_text("<html>403 Forbidden</html>")
+    return root
+
+
+@pytest.mark.parametrize(
+    "index, bad",
+    [(1, "images/training/ADE_train_00000001.jpg"), (2, "annotations/training/ADE_train_00000002.png")],
+    ids=["truncated_image", "label_not_an_image"],
+)
+def test_a_corrupt_file_fails_naming_it(tmp_path, index, bad):
+    root = _ade_with_corrupt_files(tmp_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root), "train")
+    assert source.read([0])[0][0].shape == (32, 40, 3)  # the good example reads
+    with pytest.raises(BadImageError, match=rf"Cannot decode the .* file {root}/{bad} .*bad_images"):
+        source.read([index])
+
+
+def test_a_corrupt_file_is_skipped_by_choice_with_its_path_logged(tmp_path, caplog):
+    root = _ade_with_corrupt_files(tmp_path)
+    source, _ = seg_sources.open_seg_source(ade_cfg(root, bad_images="skip"), "train")
+    with caplog.at_level("WARNING"):
+        (img1, lab1), (img0, lab0) = source.read([1, 0])
+    # 1 (truncated) -> 2 (label not an image) -> 0, wrapping around the split.
+    np.testing.assert_array_equal(img1, img0)
+    np.testing.assert_array_equal(lab1, lab0)
+    assert f"{root}/images/training/ADE_train_00000001.jpg" in caplog.text
+    assert f"{root}/annotations/training/ADE_train_00000002.png" in caplog.text
+    with pytest.raises(ValueError, match="bad_images 'ignore' is not one of"):
+        seg_sources.open_seg_source(ade_cfg(root, bad_images="ignore"), "train")
+
+
+def test_prepare_decodes_every_file_and_names_the_corrupt_ones(tmp_path, caplog):
+    root = _ade_with_corrupt_files(tmp_path)
+    with pytest.raises(seg_sources.SegDataError, match=r"(?s)2 example\(s\) need fixing.*00000001.jpg.*00000002.png"):
+        seg_prepare.prepare_seg_dataset(ade_cfg(root))
+    with caplog.at_level("WARNING"):
+        info = seg_prepare.prepare_seg_dataset(ade_cfg(root, bad_images="skip"))
+    assert info.num_train_examples == 3 and "ADE_train_00000001.jpg" in caplog.text
 
 
 def test_class_id_beyond_num_classes_is_refused(tmp_path):
@@ -128,6 +175,14 @@ def test_photometric_distortion_is_deterministic_and_bounded():
     b = seg_transforms.photometric_distortion(img, np.random.default_rng(5))
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.uint8 and not np.array_equal(a, img)
+    # Bounded as documented: on a grey image (saturation 0, so the hue and saturation steps keep
+    # it grey) only brightness +-32 and contrast x [0.5, 1.5] act, in either order, each maybe:
+    # every output is grey and within [(100 - 32) * 0.5, (100 + 32) * 1.5] = [34, 198].
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    outs = np.array([seg_transforms.photometric_distortion(grey, np.random.default_rng(s))[0, 0] for s in range(400)])
+    assert (outs == outs[:, :1]).all() and outs.min() >= 34 and outs.max() <= 198
+    assert outs.min() < 55 and outs.max() > 170  # the ranges are used, not only their middle
+    assert 0.15 < np.mean(outs[:, 0] == 100) < 0.35  # both steps skipped: 1/4 of the draws
 
 
 def test_train_batches_are_a_function_of_seed_and_step_whatever_the_hosts(mini_ade):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from support import required
 from support.golden import GOLDEN_DIR
 
 from biformer_jax import convert, models
@@ -32,7 +33,7 @@ STATE_DICT_NUMEL["sfpn_debiformer_small"] = 47_749_974
     [((5, 7), (10, 14)), ((9, 7), (72, 56)), ((13, 25), (25, 13)), ((64, 80), (256, 320)), ((7, 5), (3, 2))],
 )
 def test_resize_matches_torch_interpolate(in_hw, out_hw):
-    torch = pytest.importorskip("torch")
+    torch = required.torch()
     x = np.random.default_rng(0).standard_normal((2, 3, *in_hw)).astype(np.float32)
     ours = {
         "bilinear": np.asarray(resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), out_hw)),
@@ -46,7 +47,7 @@ def test_resize_matches_torch_interpolate(in_hw, out_hw):
 
 @pytest.mark.parametrize("in_hw,out", [((9, 7), 6), ((8, 10), 3), ((18, 14), 2), ((5, 5), 1), ((4, 3), 6)])
 def test_adaptive_avg_pool_matches_torch(in_hw, out):
-    torch = pytest.importorskip("torch")
+    torch = required.torch()
     x = np.random.default_rng(1).standard_normal((2, 4, *in_hw)).astype(np.float32)
     got = np.asarray(adaptive_avg_pool(jnp.asarray(x.transpose(0, 2, 3, 1)), (out, out)))
     ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x), out).numpy()
@@ -186,7 +187,7 @@ def _abstract_state_dict(model) -> dict[str, tuple]:
 def test_official_mmseg_keys_shapes_and_counts(name):
     manifest = GOLDEN_DIR / f"{name}.manifest.json"
     if not manifest.exists():
-        pytest.skip(f"{manifest} not found (set BIFORMER_GOLDEN_DIR)")
+        required.missing(f"{manifest} not found (set BIFORMER_GOLDEN_DIR)", required.GOLDEN_ENV)
     official = {n: tuple(s) for n, s, _ in json.loads(manifest.read_text())["state_dict"]}
     ours = _abstract_state_dict(models.create_model(name))
     assert sorted(set(official) - set(ours)) == [] and sorted(set(ours) - set(official)) == []
@@ -219,7 +220,7 @@ def test_round_trip_is_exact_and_mismatches_are_named(name):
 
 
 def test_command_line_converts_an_mmseg_checkpoint(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
+    torch = required.torch()
     model = models.create_model("upernet_biformer_micro", num_classes=4)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     sd = convert.to_torch_state_dict(variables)

@@ -39,9 +39,9 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_
         for key in ("train/loss", "train/learning_rate", "train/grad_norm", "train/img_per_sec"):
             assert np.isfinite(r[key]), (step, key, r)
     assert {"eval/top1", "eval_ema/top1"} <= set(records[2]) and {"eval/top1", "eval_ema/top1"} <= set(records[4])
-    # Checkpoints every 2 steps, the last 2 kept, complete and loadable by eval.
+    # Checkpoints every 2 steps (retention: the next test), complete and loadable by eval.
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps[-1] == 4
+    assert steps == [2, 4]
     ref = checkpoint.resolve(workdir)
     assert (ref.kind, ref.step) == ("train", 4)
     assert checkpoint.load_meta(ref)["model"] == "biformer_micro"
@@ -52,6 +52,21 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_
     assert not (ref.path / tasks.EVAL_RESULTS_FILE).exists()  # eval.py prints first, then writes
     tasks.write_results(ref.path, results)
     assert json.loads((ref.path / tasks.EVAL_RESULTS_FILE).read_text())["top1"] == results["top1"]
+
+
+def test_the_trainer_keeps_the_last_and_the_best_checkpoints_it_is_told_to(tmp_path, micro_config):
+    """A checkpoint and an eval every step: the trainer hands each eval's metrics to the manager,
+    which keeps the last `keep` and the `keep_best` lowest eval/loss, as many as configured."""
+    overrides = {"num_train_steps": 6, "eval_every_steps": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1}
+    overrides |= {"checkpoint.keep_best": 3, "checkpoint.best_metric": "eval/loss"}
+    workdir = tmp_path / "run"
+    train_lib.train_and_evaluate(micro_config(**overrides), workdir)
+    records = metrics_lib.read_jsonl(workdir / metrics_lib.METRICS_FILE)
+    losses = {step: r["eval/loss"] for step, r in records.items() if "eval/loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len(set(losses.values())) == 6  # no ties to decide
+    best = sorted(losses, key=losses.get)[:3]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == sorted({6, *best}), (steps, losses)
 
 
 def _converter_meta(**model_kwargs) -> dict:

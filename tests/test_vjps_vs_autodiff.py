@@ -1,11 +1,13 @@
 """Every hand-written VJP against JAX's autodiff of the same function, float32 and float64 (issue 16, item 9).
 
-Each reference below is the function the custom VJP claims to differentiate, written in plain
-JAX with no custom rule, so `jax.vjp` of it is autodiff's answer. Both get the same inputs and
-the same random cotangent; every input gradient must agree to a relative L2 error far below
-what a wrong formula gives (a dropped term or a sign is an O(1) error). In float64 (the
-`jax.enable_x64` context) the reference has no rounding of its own: what is left is the custom
-rule's own rounding (several of them compute in float32 by design).
+Each reference below is the function the custom VJP claims to differentiate, written from its
+definition in plain `jnp` (no project code, no custom rule, no float32 accumulation), so
+`jax.vjp` of it is autodiff's answer and a bug in a shared helper cannot hide in both sides
+(issue 25, item 7). Both get the same inputs and the same random cotangent; every input
+gradient must agree to a relative L2 error far below what a wrong formula gives (a dropped term
+or a sign is an O(1) error). In float64 (the `jax.enable_x64` context) the reference computes in
+float64 all the way: what is left is the custom rule's own rounding (several of them compute
+in float32 by design).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from biformer_jax.ops import chunked_routed_attention as chunked
 from biformer_jax.ops import depthwise, fused
 from biformer_jax.ops import routed_attention as ra
+from biformer_jax.ops.pallas_dispatch import pallas_routed_attention
 
 # Bounds on the relative L2 error of each gradient: float32 (both sides round) and float64
 # (the reference exact; the custom rules that compute in float32 round to ~1e-7).
@@ -65,11 +68,18 @@ def assert_vjp_matches(custom, reference, args, dtype, *, diff_argnums=None, see
     return errors
 
 
-# The references: the same functions, autodiff only.
+# The references: the same functions from their definitions, plain jnp, autodiff only.
 
 
 def gelu_ref(x):
-    return 0.5 * x * jax.lax.erfc(-x * fused._SQRT_HALF)
+    """The exact GELU, x * Phi(x)."""
+    return 0.5 * x * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0)))
+
+
+def softmax_ref(logits):
+    """exp / sum over the last axis; -inf logits get probability 0 (their exp is 0)."""
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
 def layer_norm_ref(x, scale, bias, eps=1e-6):
@@ -90,12 +100,33 @@ def depthwise_conv_ref(x, kernel, padding):
 
 
 def masked_attention_ref(qh, kh, vh, routed):
-    return jnp.einsum("nmqk,nmkc->nmqc", ra._masked_probs(qh, kh, routed).astype(vh.dtype), vh)
+    """qh (N, m, P*Tq, c), kh (N, m, P*Tkv, c), vh (N, m, P*Tkv, cv), routed (N, P, P'): query
+    token i attends to key token j iff routed[region(i), region(j)]."""
+    p = routed.shape[1]
+    tq, tkv = qh.shape[2] // p, kh.shape[2] // p
+    mask = jnp.repeat(jnp.repeat(routed, tq, axis=1), tkv, axis=2)  # (N, P*Tq, P*Tkv)
+    logits = jnp.einsum("nmqc,nmkc->nmqk", qh, kh)  # (N, m, P*Tq, P*Tkv), in the inputs' dtype
+    return jnp.einsum("nmqk,nmkc->nmqc", softmax_ref(jnp.where(mask[:, None], logits, -jnp.inf)), vh)
 
 
 def routed_attention_ref(q, kv, r_idx, r_weight, num_heads, scale):
-    """Gather the routed regions' keys/values, softmax, weighted sum: the BRA definition."""
-    return ra._gather_attention(q, kv, r_idx, r_weight, num_heads, scale)
+    """BRA's token attention, per image n, query region p and head h:
+    softmax(scale q_h K_h^T) V_h over the keys/values of the regions r_idx[n, p] (concatenated
+    in routing order), each region's keys and values times its weight r_weight[n, p, k] (soft).
+
+    q (N, P, Tq, Cqk), kv (N, P, Tkv, Cqk + Cv), channels (heads, width) heads major."""
+    n, p, tq, cqk = q.shape
+    topk, tkv, m = r_idx.shape[-1], kv.shape[2], num_heads
+    batch = jnp.arange(n)[:, None, None]  # (N, 1, 1)
+    k_sel, v_sel = kv[batch, r_idx][..., :cqk], kv[batch, r_idx][..., cqk:]  # (N, P, K, Tkv, C)
+    if r_weight is not None:
+        k_sel = k_sel * r_weight[..., None, None]
+        v_sel = v_sel * r_weight[..., None, None]
+    k_sel = k_sel.reshape(n, p, topk * tkv, m, cqk // m)  # (N, P, K*Tkv, m, c)
+    v_sel = v_sel.reshape(n, p, topk * tkv, m, -1)  # (N, P, K*Tkv, m, cv)
+    qh = (q * scale).reshape(n, p, tq, m, cqk // m)  # (N, P, Tq, m, c)
+    probs = softmax_ref(jnp.einsum("npqmc,npkmc->npmqk", qh, k_sel))  # (N, P, m, Tq, K*Tkv)
+    return jnp.einsum("npmqk,npkmc->npqmc", probs, v_sel).reshape(n, p, tq, -1)  # (N, P, Tq, Cv)
 
 
 DTYPES = ["float32", "float64"]
@@ -184,11 +215,21 @@ def test_dense_masked_attention(dtype):
         )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# The Pallas kernels compute in float32 (no TPU or GPU kernel has a float64 path): float32 only.
+ROUTED_CASES = [
+    (impl, dtype)
+    for impl in ("masked", "chunked", "gather", "pallas_tpu", "pallas_gpu", "pallas_xla")
+    for dtype in DTYPES
+    if dtype == "float32" or impl not in ("pallas_tpu", "pallas_gpu")
+]
+
+
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("impl", ["masked", "chunked"])
+@pytest.mark.parametrize("impl, dtype", ROUTED_CASES)
 def test_routed_attention_impls(dtype, soft, impl):
-    """The masked (hard routing: its own VJP) and chunked (online softmax: its own VJP) paths."""
+    """The masked (hard routing: its own VJP), chunked (online softmax: its own VJP) and Pallas
+    (one VJP around the kernels: the TPU and GPU kernels in their interpreters, and its XLA
+    path) implementations, and 'gather' (autodiff)."""
     n, p, tq, tkv, heads, cqk, cv, topk = 2, 4, 3, 5, 2, 8, 6, 2
     with _in_dtype(dtype):
         q, kv, w = _random([(n, p, tq, cqk), (n, p, tkv, cqk + cv), (n, p, topk)], dtype)
@@ -199,8 +240,13 @@ def test_routed_attention_impls(dtype, soft, impl):
             custom = lambda q, kv, w: chunked.chunked_routed_attention(  # noqa: E731
                 q, kv, r_idx, w, num_heads=heads, scale=scale, chunk=1
             )
+        elif impl.startswith("pallas_"):
+            variant = impl.removeprefix("pallas_")
+            custom = lambda q, kv, w: pallas_routed_attention(  # noqa: E731
+                q, kv, r_idx, w, num_heads=heads, scale=scale, interpret=variant != "xla", variant=variant
+            )
         else:
-            custom = lambda q, kv, w: ra._masked_attention(q, kv, r_idx, w, heads, scale)  # noqa: E731
+            custom = lambda q, kv, w: ra._run(impl, q, kv, r_idx, w, heads, scale)  # noqa: E731
         args, diff = ((q, kv, r_weight), (0, 1, 2)) if soft else ((q, kv, None), (0, 1))
         assert_vjp_matches(
             custom,
@@ -222,7 +268,7 @@ def test_a_wrong_vjp_fails_the_check():
         return gelu_ref(x), x
 
     def bwd(x, g):
-        return (g * 0.5 * jax.lax.erfc(-x * fused._SQRT_HALF),)  # the x * pdf(x) term dropped
+        return (g * 0.5 * (1.0 + jax.scipy.special.erf(x / np.sqrt(2.0))),)  # the x * pdf(x) term dropped
 
     broken_gelu.defvjp(fwd, bwd)
     (x,) = _random([(4, 7, 33)], "float32")

@@ -3,7 +3,7 @@
 The graph is the same forward pass as the StableHLO artifact (weights as initializers), input
 `images` (B, S, S, 3) float32 NHWC with B dynamic, output `logits` (B, classes) float32. It is
 converted from the jaxpr by jax2onnx (pinned in requirements-onnx.txt), then run by onnxruntime on
-CPU at batch 1 and 3 against model.apply (relative error <= 1e-4) before anything is written.
+CPU at batch 1 and 3 against model.apply (relative error <= 2e-6) before anything is written.
 
 What converts (jax2onnx 0.17.1, checked on biformer_micro): routed attention `gather`, `masked`
 and `auto` (which picks between them) with lax.top_k routing, and `dwconv_impl="conv"` (the
@@ -25,7 +25,8 @@ from typing import Any
 from biformer_jax.export import common
 from biformer_jax.tasks.classification import inference
 
-TOLERANCE = 1e-4  # relative L2 error of the logits against model.apply (onnxruntime, float32)
+TOLERANCE = 2e-6  # relative L2 error of the logits against model.apply (onnxruntime, float32): measured
+# <= 2.6e-7 on biformer_micro; a tanh-approximate GELU gives 1.9e-5, which this refuses
 OPSET = 23
 
 

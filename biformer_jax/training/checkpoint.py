@@ -297,7 +297,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) -> ocp.CheckpointManager:
-    """Keeps the last `ckpt_cfg.keep` checkpoints and the best one by `best_metric` (if set).
+    """Keeps the last `ckpt_cfg.keep` checkpoints and the `ckpt_cfg.keep_best` best by `best_metric` (if set).
 
     The best is the highest value, or the lowest for a loss or error (`lower_is_better`).
     """
@@ -307,7 +307,7 @@ def create_manager(workdir: str | os.PathLike, ckpt_cfg, *, best_metric: str) ->
             checkpoint_managers.BestN(
                 get_metric_fn=lambda metrics: metrics[best_metric],
                 reverse=lower_is_better(best_metric),  # BestN keeps the end of the sorted list
-                n=1,
+                n=int(ckpt_cfg.keep_best),  # True counts as 1
                 keep_checkpoints_without_metrics=False,
             )
         )

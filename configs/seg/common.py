@@ -75,7 +75,7 @@ def get_base_config(model: str, *, drop_path_rate: float) -> ml_collections.Conf
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 4000
     config.checkpoint.keep = 1
-    config.checkpoint.keep_best = True
+    config.checkpoint.keep_best = 1  # also keep the N best by best_metric (0: none)
     config.checkpoint.best_metric = "eval/mIoU"
     config.checkpoint.asynchronous = True
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from biformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
+from biformer_jax.data.config import BAD_IMAGES, IMAGENET_MEAN, IMAGENET_STD
 
 SEG_DATASETS = ("ade20k", "seg_folder", "shapes")
 EVAL_MODES = ("whole", "slide")
@@ -53,6 +53,9 @@ def default_seg_config() -> ml_collections.ConfigDict:
     c.threads = 8
     c.prefetch = 4
     c.cache = False  # keep the encoded files in memory after the first read (small datasets)
+    # An image or label file that cannot be decoded (truncated, not an image): 'error' stops
+    # with its path; 'skip' logs its path and uses the next readable example instead.
+    c.bad_images = "error"
 
     # --- name='shapes': generated images of shapes (one class each) on textured backgrounds.
     c.shapes = ml_collections.ConfigDict()
@@ -124,6 +127,7 @@ def validate_seg_config(cfg: ml_collections.ConfigDict) -> None:
     need(0 <= cfg.ignore_index <= 255, f"ignore_index must be in [0, 255], got {cfg.ignore_index}.")
     need(len(cfg.mean) == 3 and len(cfg.std) == 3 and min(cfg.std) > 0, "mean and std need 3 values, std > 0.")
     need(cfg.workers >= 0 and cfg.threads >= 1 and cfg.prefetch >= 1, "need workers >= 0, threads >= 1, prefetch >= 1.")
+    need(cfg.bad_images in BAD_IMAGES, f"bad_images {cfg.bad_images!r} is not one of {BAD_IMAGES}.")
     if cfg.name == "shapes":
         need(cfg.shapes.size >= 16, f"shapes.size must be >= 16, got {cfg.shapes.size}.")
         need(cfg.shapes.num_train > 0 and cfg.shapes.num_eval > 0, "shapes.num_train and num_eval must be > 0.")

@@ -4,9 +4,11 @@
         [--zip /downloads/ADEChallengeData2016.zip]    # unpacked next to --root first
     python -m biformer_jax.data.prepare --name seg_folder --root /data/my_seg
 
-The check reads every label map of both splits (a few minutes for ADE20K's 22,210) and lists the
-problems the pipeline would stop on: missing annotations, label maps of another size than their
-image, class ids beyond the class list that are not 255. Nothing is written into the folder.
+The check decodes every image and label map of both splits (a few minutes for ADE20K's 22,210)
+and lists the problems the pipeline would stop on, each naming its file: missing annotations,
+files that cannot be decoded (truncated, not an image; logged instead under
+data.bad_images='skip'), label maps of another size than their image, class ids beyond the class
+list that are not 255. Nothing is written into the folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 import ml_collections
-from PIL import Image
 
 from biformer_jax.data.segmentation import sources as seg_sources
 
@@ -54,31 +55,31 @@ def unpack_ade20k(zip_path: str, root: str) -> None:
 
 
 def check_split(cfg: ml_collections.ConfigDict, split: str, num_classes: int) -> tuple[int, list[str]]:
-    """(number of examples, problems) of one split: every label map's size and ids."""
+    """(number of examples, problems) of one split: every file decodes, every label map's size and ids."""
     images, labels = seg_sources.scan_split(cfg.root, split)  # missing annotations raise here
-    source = seg_sources.SegFileSource(
-        images, labels, num_classes=num_classes, reduce_zero_label=cfg.reduce_zero_label, ignore_index=cfg.ignore_index
-    )
     problems: list[str] = []
     for i, (image_path, label_path) in enumerate(zip(images, labels)):
         try:
-            with Image.open(image_path) as img:
-                size = img.size
-            with Image.open(label_path) as lab:
-                if lab.size != size:
-                    raise seg_sources.SegDataError(
-                        f"{label_path}: label map is {lab.size[0]}x{lab.size[1]} (w x h) but its image is "
-                        f"{size[0]}x{size[1]}."
-                    )
+            # Decoded in full: a truncated file has a readable header and fails only here.
+            size = seg_sources._decode(Path(image_path).read_bytes(), image_path, "image").size
             label = seg_sources._open_label(Path(label_path).read_bytes(), label_path)
+            if label.shape[::-1] != size:
+                raise seg_sources.SegDataError(
+                    f"{label_path}: label map is {label.shape[1]}x{label.shape[0]} (w x h) but its image is "
+                    f"{size[0]}x{size[1]}."
+                )
             if cfg.reduce_zero_label:
                 label = seg_sources.reduce_zero_label(label)
             seg_sources.check_label(label, num_classes, cfg.ignore_index, label_path, cfg.reduce_zero_label)
+        except seg_sources.BadImageError as e:
+            if cfg.bad_images != "skip":
+                problems.append(str(e))
+            else:
+                logging.warning("%s Training skips it (data.bad_images='skip').", e)
         except (seg_sources.SegDataError, OSError) as e:
             problems.append(str(e))
         if (i + 1) % 1000 == 0:
             logging.info("Checked %s/%s: %d / %d", cfg.root, split, i + 1, len(images))
-    del source
     return len(images), problems
 
 

@@ -4,6 +4,8 @@ A source maps a record index to (image uint8 (H, W, 3) RGB, label uint8 (H, W)) 
 already in training ids: reduce_zero_label applied (0 -> 255, k -> k - 1), 255 ignored. Every
 read checks what the model would otherwise silently learn from: the label map has its image's
 size, and every id is < num_classes or the ignore index; the error names the file and the fix.
+A file that cannot be decoded (truncated, not an image) raises BadImageError naming it, or, with
+`data.bad_images='skip'`, is logged with its path and the next readable example is used instead.
 
 Layout (ADE20K's ADEChallengeData2016, and `seg_folder` datasets):
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +30,7 @@ from PIL import Image
 
 from biformer_jax.data.segmentation import ade20k_meta
 from biformer_jax.data.segmentation.config import validate_seg_config
-from biformer_jax.data.sources import IMAGE_EXTENSIONS, DatasetNotPreparedError
+from biformer_jax.data.sources import IMAGE_EXTENSIONS, BadImageError, DatasetNotPreparedError
 
 ADE20K_ZIP = "ADEChallengeData2016.zip"
 ADE20K_SPLIT_SIZES = {"training": 20210, "validation": 2000}
@@ -69,8 +72,21 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
         )
 
 
+def _decode(data: bytes, where: str, what: str) -> Image.Image:
+    """The fully decoded PIL image of `data` (the file `where`); BadImageError naming it if it cannot be."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # a truncated file opens (header only) and fails here
+        return img
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL: UnidentifiedImageError, truncated
+        raise BadImageError(
+            f"Cannot decode the {what} file {where} ({type(e).__name__}: {e}). Remove or replace it, or set "
+            "data.bad_images='skip' to train without it."
+        ) from e
+
+
 def _open_label(data: bytes, where: str) -> np.ndarray:
-    img = Image.open(io.BytesIO(data))
+    img = _decode(data, where, "label map")
     if img.mode not in ("L", "P", "I", "I;16"):
         raise SegDataError(
             f"{where}: label maps must have one channel (PIL mode L or P, value = class id), got mode {img.mode}."
@@ -93,10 +109,11 @@ class SegFileSource:
         reduce_zero_label: bool,
         ignore_index: int = 255,
         cache: bool = False,
+        bad_images: str = "error",
     ):
         self.image_paths, self.label_paths = list(image_paths), list(label_paths)
         self.num_classes, self.reduce_zero_label, self.ignore_index = num_classes, reduce_zero_label, ignore_index
-        self.cache = cache
+        self.cache, self.bad_images = cache, bad_images
         self._cache: dict[int, tuple[bytes, bytes]] = {}
 
     def __len__(self) -> int:
@@ -120,8 +137,20 @@ class SegFileSource:
         return data
 
     def read_one(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example i, or with bad_images='skip' the next one whose files decode (each skip logged)."""
+        for offset in range(len(self)):
+            j = (i + offset) % len(self)
+            try:
+                return self._read_checked(j)
+            except BadImageError as e:
+                if self.bad_images != "skip":
+                    raise
+                logging.getLogger(__name__).warning("%s Skipped: using the next example instead.", e)
+        raise BadImageError(f"None of the {len(self)} examples can be decoded (first: {self.image_paths[0]}).")
+
+    def _read_checked(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image_bytes, label_bytes = self._bytes(i)
-        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+        image = np.asarray(_decode(image_bytes, self.image_paths[i], "image").convert("RGB"))
         label = _open_label(label_bytes, self.label_paths[i])
         if label.shape != image.shape[:2]:
             raise SegDataError(
@@ -219,6 +248,7 @@ def open_seg_source(cfg: ml_collections.ConfigDict, which: str):
         reduce_zero_label=cfg.reduce_zero_label,
         ignore_index=cfg.ignore_index,
         cache=cfg.cache,
+        bad_images=cfg.bad_images,
     )
     return source, names
 
