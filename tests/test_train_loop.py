@@ -59,8 +59,8 @@ def test_the_trainer_keeps_the_last_and_the_best_checkpoints_it_is_told_to(tmp_p
     which keeps the last `keep` and the `keep_best` lowest eval/loss, as many as configured."""
     overrides = {"num_train_steps": 6, "eval_every_steps": 1, "checkpoint.every_steps": 1, "checkpoint.keep": 1}
     overrides |= {"checkpoint.keep_best": 3, "checkpoint.best_metric": "eval/loss"}
-    workdir = tmp_path / "run"
-    train_lib.train_and_evaluate(micro_config(**overrides), workdir)
+    workdir, config = tmp_path / "run", micro_config(**overrides)
+    train_lib.train_and_evaluate(config, workdir, tasks.get(config))
     records = metrics_lib.read_jsonl(workdir / metrics_lib.METRICS_FILE)
     losses = {step: r["eval/loss"] for step, r in records.items() if "eval/loss" in r}
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len(set(losses.values())) == 6  # no ties to decide
