@@ -43,7 +43,7 @@ from timing import DTYPES, CompiledBench, alternate_rounds  # noqa: E402  (bench
 
 from biformer_jax import models  # noqa: E402
 from biformer_jax.host_memory import compile_for_inference  # noqa: E402
-from biformer_jax.models.segmentation import BACKBONES  # noqa: E402
+from biformer_jax.models.segmentation.backbone import BACKBONES  # noqa: E402
 from biformer_jax.ops.resize import resize_bilinear  # noqa: E402
 
 IGNORE_INDEX = 255

@@ -25,7 +25,7 @@ from biformer_jax.models.detection import anchor_head, retinanet
 from biformer_jax.models.detection.fpn import DetFPN
 from biformer_jax.models.detection.retina_head import RetinaHead
 from biformer_jax.models.detection.retinanet import RetinaNet
-from biformer_jax.models.segmentation.backbone import BACKBONES
+from biformer_jax.models.segmentation.backbone import build_dense_model
 
 
 def _biformer(variant: str, drop_path_rate: float) -> dict[str, Any]:
@@ -77,33 +77,9 @@ DETECTION_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
 def build_detection_model(name: str, **overrides: Any) -> RetinaNet:
     """`create_model` for the names of DETECTION_VARIANTS (overrides routed as the module says)."""
-    if name not in DETECTION_VARIANTS:
-        raise ValueError(f"Unknown detection model {name!r}; available: {', '.join(sorted(DETECTION_VARIANTS))}.")
-    spec = dict(DETECTION_VARIANTS[name])
-    backbone_args = dict(spec.pop("backbone_args"))
-    own = set(RetinaNet.__dataclass_fields__) - {"parent", "name", "backbone", "backbone_args"}
-    backbone_fields = set(BACKBONES[spec["backbone"]].__dataclass_fields__) - {"parent", "name", "features_only"}
-    unknown = sorted(set(overrides) - own - backbone_fields)
-    if unknown:
-        raise TypeError(
-            f"{name} got unknown argument(s) {unknown}; it takes {sorted(own)} and the backbone's "
-            f"{sorted(backbone_fields)}."
-        )
-    for key, value in overrides.items():
-        if key in own:
-            spec[key] = _freeze(value)
-        if key in backbone_fields and (key not in own or key in ("dtype", "param_dtype")):
-            backbone_args[key] = _freeze(value)
-    spec["backbone_args"] = tuple(sorted((k, _freeze(v)) for k, v in backbone_args.items()))
-    return RetinaNet(**spec)
+    return build_dense_model("detection", name, DETECTION_VARIANTS, RetinaNet, overrides)
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 
 from biformer_jax.models.biformer import BIFORMER_VARIANTS
 from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS
-from biformer_jax.models.segmentation.backbone import BACKBONES, BiFormerBackbone, DeBiFormerBackbone
+from biformer_jax.models.segmentation.backbone import BiFormerBackbone, DeBiFormerBackbone, build_dense_model
 from biformer_jax.models.segmentation.fpn import FPN, FPNHead
 from biformer_jax.models.segmentation.heads import FCNHead
 from biformer_jax.models.segmentation.pretrained import init_backbone_from_classifier
@@ -94,33 +94,9 @@ SEGMENTATION_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
 def build_segmentation_model(name: str, **overrides: Any) -> EncoderDecoder:
     """`create_model` for the names of SEGMENTATION_VARIANTS (overrides routed as the module says)."""
-    if name not in SEGMENTATION_VARIANTS:
-        raise ValueError(f"Unknown segmentation model {name!r}; available: {', '.join(sorted(SEGMENTATION_VARIANTS))}.")
-    spec = dict(SEGMENTATION_VARIANTS[name])
-    backbone_args = dict(spec.pop("backbone_args"))
-    own = set(EncoderDecoder.__dataclass_fields__) - {"parent", "name", "backbone", "backbone_args"}
-    backbone_fields = set(BACKBONES[spec["backbone"]].__dataclass_fields__) - {"parent", "name", "features_only"}
-    unknown = sorted(set(overrides) - own - backbone_fields)
-    if unknown:
-        raise TypeError(
-            f"{name} got unknown argument(s) {unknown}; it takes {sorted(own)} and the backbone's "
-            f"{sorted(backbone_fields)}."
-        )
-    for key, value in overrides.items():
-        if key in own:
-            spec[key] = _freeze(value)
-        if key in backbone_fields and (key not in own or key in ("dtype", "param_dtype")):
-            backbone_args[key] = _freeze(value)
-    spec["backbone_args"] = tuple(sorted((k, _freeze(v)) for k, v in backbone_args.items()))
-    return EncoderDecoder(**spec)
+    return build_dense_model("segmentation", name, SEGMENTATION_VARIANTS, EncoderDecoder, overrides)
 
 
 __all__ = [

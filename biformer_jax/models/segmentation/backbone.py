@@ -14,6 +14,8 @@ Call: `backbone.apply(variables, x_nhwc, train=False)` -> four NHWC maps at stri
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import linen as nn
 
@@ -77,3 +79,33 @@ class DeBiFormerBackbone(DeBiFormer):
 
 
 BACKBONES: dict[str, type[nn.Module]] = {"biformer": BiFormerBackbone, "debiformer": DeBiFormerBackbone}
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def build_dense_model(kind: str, name: str, variants: dict[str, dict[str, Any]], cls: type, overrides: dict[str, Any]):
+    """`cls(**variants[name])` with `overrides` routed: the model's own fields to it, the backbone's to
+    `backbone_args` (dtype / param_dtype to both); a segmentor's or a detector's `create_model`."""
+    if name not in variants:
+        raise ValueError(f"Unknown {kind} model {name!r}; available: {', '.join(sorted(variants))}.")
+    spec = dict(variants[name])
+    backbone_args = dict(spec.pop("backbone_args"))
+    own = set(cls.__dataclass_fields__) - {"parent", "name", "backbone", "backbone_args"}
+    backbone_fields = set(BACKBONES[spec["backbone"]].__dataclass_fields__) - {"parent", "name", "features_only"}
+    unknown = sorted(set(overrides) - own - backbone_fields)
+    if unknown:
+        raise TypeError(
+            f"{name} got unknown argument(s) {unknown}; it takes {sorted(own)} and the backbone's "
+            f"{sorted(backbone_fields)}."
+        )
+    for key, value in overrides.items():
+        if key in own:
+            spec[key] = _freeze(value)
+        if key in backbone_fields and (key not in own or key in ("dtype", "param_dtype")):
+            backbone_args[key] = _freeze(value)
+    spec["backbone_args"] = tuple(sorted((k, _freeze(v)) for k, v in backbone_args.items()))
+    return cls(**spec)
