@@ -28,6 +28,8 @@ NOT_ARCHITECTURE = frozenset(
         "attn_impl",
         "dwconv_impl",
         "features_only",
+        "scan_blocks",
+        "scan_remat",
     }
 )
 
