@@ -93,15 +93,18 @@ def recipe(args):
     return config
 
 
-def build_train(model, images: jax.Array, labels: jax.Array, config):
+def build_train(model, images: jax.Array, labels: jax.Array, config, init: bool = True):
     """The trainer's state and step for `model`, as train_lib builds them, jitted with the state donated.
 
     Returns (state, step, batch): `step(state, batch)` -> (state, metrics) is
     `biformer_jax.tasks.classification.steps.train_step` with the recipe's optimiser, schedule,
-    mixup/cutmix and EMA bound (`classification.bind_train_step`), on one device.
+    mixup/cutmix and EMA bound (`classification.bind_train_step`), on one device; state is None
+    with `init=False`.
     """
     tx, schedule, _ = classification.make_optimizer(config, STEPS_PER_EPOCH)
-    state = jax.jit(train_lib.make_init_fn(config, model, tx, images.shape[1]))(np.int32(config.seed))
+    state = None
+    if init:
+        state = jax.jit(train_lib.make_init_fn(config, model, tx, images.shape[1]))(np.int32(config.seed))
     step = jax.jit(classification.bind_train_step(config, model, tx, schedule, model.num_classes), donate_argnums=0)
     return state, step, {"image": images, "label": labels}
 

@@ -104,6 +104,9 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     # (BiFormer scripts/train.sh batch_size=128), 256 for DeBiFormer (README --batch-size 256).
     # The running statistics are the first group's (DDP broadcasts rank 0's buffers every step).
     config.bn_group_size = 128
+    # Each stage's blocks as one lax.scan in the training step (the model's scan_blocks; same
+    # numbers, same checkpoints): README "Scanned blocks" for the compile time, step time and memory.
+    config.scan_blocks = True
 
     if recipe == "debiformer":
         _debiformer_recipe(config)

@@ -26,6 +26,8 @@ CASES = {
     "biformer_small_224": ("biformer_small", 224, {}, 3),
     "biformer_base_224": ("biformer_base", 224, {}, 3),
     "biformer_small_512_seg": ("biformer_small", 512, dict(n_win=8, auto_pad=True), 3),
+    # each stage's blocks as one lax.scan, inference (lax.switch) and training (stacked weights)
+    "biformer_small_224_scanned": ("biformer_small", 224, dict(scan_blocks=True), 3),
     # DeBiFormer-T: the routed (agent) attention of -S/-B, at half the depth (-S took 400-700 s
     # to trace on the loaded 2-core CI machine, -T's depth 1/1/4/1 a fraction of it)
     "debiformer_tiny_224": ("debiformer_tiny", 224, {}, 3),
@@ -69,10 +71,12 @@ def test_model_with_pallas_kernels_exports_for_cpu_cuda_and_tpu(case, dtype):
 
 def test_biformer_s_sharded_training_step_exports_for_tpu_and_cuda(monkeypatch):
     """The trainer's own setup and jitted step for configs/biformer_s.py (attn_impl 'auto':
-    the kernel in stage 1 on GPU/TPU), state sharded as it shards it, on data 2 x fsdp 4."""
+    the kernel in stage 1 on GPU/TPU; blocks scanned, the config's default), state sharded as
+    it shards it, on data 2 x fsdp 4."""
     from configs import biformer_s
 
     config = biformer_s.get_config()
+    assert config.scan_blocks
     config.mesh.data, config.mesh.fsdp = 2, 4
     # No dataset here: the sizes ImageNet-1K would report.
     info = data.DatasetInfo(num_classes=1000, num_train_examples=1281167, num_eval_examples=50000, image_size=224)

@@ -51,6 +51,8 @@ def convert(loaded: inference.Loaded) -> bytes:
             f"attn_impl={impl!r} runs Pallas kernels (custom calls), which ONNX cannot express; "
             "export with --attn_impl=auto (or gather / masked)."
         )
+    if getattr(loaded.model, "scan_blocks", False):  # jax2onnx does not convert `while` (lax.scan)
+        loaded = dataclasses.replace(loaded, model=loaded.model.clone(scan_blocks=False))
     s = loaded.preprocess.image_size
     try:
         proto = jax2onnx.to_onnx(

@@ -21,7 +21,15 @@ from flax import linen as nn
 
 from biformer_jax.models import stages
 from biformer_jax.models.attention import Attention, AttentionLePE, PseudoAttention
-from biformer_jax.models.layers import ConvMlp, DepthwiseConv2d, DropPath, Dtype, LayerNormParams, layer_norm
+from biformer_jax.models.layers import (
+    ConvMlp,
+    DepthwiseConv2d,
+    DropPath,
+    Dtype,
+    LayerNormParams,
+    drop_path_keys,
+    layer_norm,
+)
 from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings
 
 
@@ -30,6 +38,8 @@ class Block(nn.Module):
 
     The stage's routing settings (`routing.topk` also picks the token mixer) come from the
     model; with pre-norm, BRA and the MLP apply norm1 / norm2 fused into their first Linear.
+    Call: `block(x, train, drop_key=None)`, x (N, H, W, dim) -> (N, H, W, dim); `drop_key`
+    (the stage loop passes one per block) seeds its two drop-path masks.
     """
 
     dim: int
@@ -59,7 +69,7 @@ class Block(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, drop_key: Optional[jax.Array] = None) -> jax.Array:
         dt, pdt, impl = self.dtype, self.param_dtype, self.routing.dwconv_impl
         if self.before_attn_dwconv > 0:
             # The official conv uses padding=1, i.e. "same" only for the 3x3 it ships with.
@@ -68,7 +78,7 @@ class Block(nn.Module):
             )
             x = x + pos_embed(x)
         hidden = int(self.mlp_ratio * self.dim)
-        drop = DropPath(self.drop_path)
+        drop, (k1, k2) = DropPath(self.drop_path), drop_path_keys(drop_key, 2)
         if self.layer_scale_init_value > 0:
             init = nn.initializers.constant(self.layer_scale_init_value)
             g1 = self.param("gamma1", init, (self.dim,), pdt).astype(dt)
@@ -95,12 +105,12 @@ class Block(nn.Module):
                 LayerNormParams(param_dtype=pdt, name="norm2"),
                 name="mlp",
             )
-            x = x + drop(scaled(g1, attn(x) if fused else attn(norm1(x))), train)
-            return x + drop(scaled(g2, mlp(x)), train)
+            x = x + drop(scaled(g1, attn(x) if fused else attn(norm1(x))), train, k1)
+            return x + drop(scaled(g2, mlp(x)), train, k2)
         attn, mlp = self.token_mixer(None), ConvMlp(hidden, self.dim, self.mlp_dwconv, impl, dt, pdt, name="mlp")
         norm1, norm2 = layer_norm("norm1", dt, pdt), layer_norm("norm2", dt, pdt)
-        x = norm1(x + drop(scaled(g1, attn(x)), train))
-        return norm2(x + drop(scaled(g2, mlp(x)), train))
+        x = norm1(x + drop(scaled(g1, attn(x)), train, k1))
+        return norm2(x + drop(scaled(g2, mlp(x)), train, k2))
 
 
 class BiFormer(nn.Module):
@@ -109,9 +119,10 @@ class BiFormer(nn.Module):
     Extensions: `qk_dims` entries may be None (meaning the stage width), `dtype` is the
     compute dtype, `attn_impl` / `dwconv_impl` pick implementations of the same function,
     `features_only` makes the model a backbone returning the four stage maps,
-    `scan_blocks` runs each stage's blocks as one `lax.scan` at inference (see
-    `stages.run_stages`), `drop_rate` is dropout before the classifier (the official
-    constructor ignores it), and `bn_group_size` > 0 normalises the BatchNorms in training
+    `scan_blocks` runs each stage's blocks as one `lax.scan` in training and at inference
+    (`scan_remat`: the scanned training body's rematerialisation; see `stages.run_stages`;
+    the weights keep their per-block layout), `drop_rate` is dropout before the classifier (the
+    official constructor ignores it), and `bn_group_size` > 0 normalises the BatchNorms in training
     over groups of that many images, as plain BatchNorm under DDP with that many per GPU
     (`layers.BatchNorm`; 0: the whole batch, i.e. SyncBN).
 
@@ -153,7 +164,8 @@ class BiFormer(nn.Module):
     # --- JAX-side options -----------------------------------------------------------
     routing_ties: str = "xla"  # the routers' exact-tie order ('xla' | 'torch'), biformer_jax.ops.topk
     features_only: bool = False
-    scan_blocks: bool = False  # inference: one lax.scan per stage over its blocks (stages.run_stages)
+    scan_blocks: bool = False  # one lax.scan per stage over its blocks, train and inference (stages.run_stages)
+    scan_remat: str = "none"  # what a scanned training block keeps for backward (stages.SCAN_REMAT)
     bn_group_size: int = 0  # train: BatchNorm statistics per this many images (DDP's per GPU); 0: the batch
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from biformer_jax.models import stages
 from biformer_jax.models.deformable import ConvMlpWithDw, DeBiLevelRoutingAttention, DeformSettings, deform_settings
-from biformer_jax.models.layers import DepthwiseConv2d, DropPath, Dtype, layer_norm, per_stage
+from biformer_jax.models.layers import DepthwiseConv2d, DropPath, Dtype, drop_path_keys, layer_norm, per_stage
 from biformer_jax.models.routing import BiLevelRoutingAttention, RoutingSettings
 
 # Block topk -> (attn1's routing topk, attn2's), the release's `Block` branches; -2 is "all regions".
@@ -57,6 +57,8 @@ class DeBiFormerBlock(nn.Module):
 
     `routing` is the stage's (`routing.topk` is the block's, see BLOCK_TOPKS); the
     attentions always pad to the region grid, whatever `routing.auto_pad` says.
+    Call: `block(x, train, drop_key=None)`, x (N, H, W, dim) -> (N, H, W, dim); `drop_key`
+    (the stage loop passes one per block) seeds its four drop-path masks.
     """
 
     dim: int
@@ -95,7 +97,7 @@ class DeBiFormerBlock(nn.Module):
         return attn1, self.deformable(k2, "attn2")
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, drop_key: Optional[jax.Array] = None) -> jax.Array:
         dt, pdt, c = self.dtype, self.param_dtype, self.dim
         if self.before_attn_dwconv not in (0, 3) and self.before_attn_dwconv > 0:
             raise ValueError(
@@ -107,7 +109,7 @@ class DeBiFormerBlock(nn.Module):
         mlp1 = ConvMlpWithDw(c, self.mlp_ratio, impl, dt, pdt, name="mlp1")
         mlp2 = ConvMlpWithDw(c, self.mlp_ratio, impl, dt, pdt, name="mlp2")
         norm1, norm2, norm3, norm4 = (layer_norm(f"norm{i}", dt, pdt) for i in (1, 2, 3, 4))
-        drop = DropPath(self.drop_path)
+        drop, keys = DropPath(self.drop_path), drop_path_keys(drop_key, 4)
         if self.layer_scale_init_value > 0:
             init = nn.initializers.constant(self.layer_scale_init_value)
             gammas = [self.param(f"gamma{i}", init, (c,), pdt).astype(dt) for i in (1, 2, 3, 4)]
@@ -115,7 +117,7 @@ class DeBiFormerBlock(nn.Module):
             gammas = [None] * 4
 
         def scaled(i: int, y: jax.Array) -> jax.Array:
-            return drop(y if gammas[i] is None else gammas[i] * y, train)
+            return drop(y if gammas[i] is None else gammas[i] * y, train, keys[i])
 
         def pos_embed(name: str, y: jax.Array) -> jax.Array:
             if self.before_attn_dwconv <= 0:  # the release crashes here (pos_embed1 undefined)
@@ -155,8 +157,8 @@ class DeBiFormer(nn.Module):
     break exact score ties, which zero-padded regions produce off the 224 grid: 'torch' picks
     the regions the release picks on CPU, 'xla' (`lax.top_k`) is faster on accelerators and
     gives the same outputs (tied regions hold identical keys and values); `qk_dims` entries
-    may be None (the stage width); `features_only`, `scan_blocks`, `bn_group_size`, `attn_impl`, `dwconv_impl`,
-    `dtype` and `param_dtype` as in `BiFormer`; `drop_rate` is dropout before the classifier (the release
+    may be None (the stage width); `features_only`, `scan_blocks`, `scan_remat`, `bn_group_size`, `attn_impl`,
+    `dwconv_impl`, `dtype` and `param_dtype` as in `BiFormer`; `drop_rate` is dropout before the classifier (the release
     ignores it). `auto_pad` is accepted and has no effect: the attention always pads to the
     region grid.
 
@@ -203,7 +205,8 @@ class DeBiFormer(nn.Module):
     all_regions_topk: Optional[int] = None
     routing_ties: str = "torch"
     features_only: bool = False
-    scan_blocks: bool = False  # inference: one lax.scan per stage over its blocks (stages.run_stages)
+    scan_blocks: bool = False  # one lax.scan per stage over its blocks, train and inference (stages.run_stages)
+    scan_remat: str = "none"  # what a scanned training block keeps for backward (stages.SCAN_REMAT)
     bn_group_size: int = 0  # train: BatchNorm statistics per this many images (DDP's per GPU); 0: the batch
     attn_impl: str = "auto"
     dwconv_impl: str = "auto"

@@ -44,10 +44,11 @@ def model_from_config(config, num_classes: int):
     """config.model with config.model_kwargs and the dataset's number of classes.
 
     `config.compute_dtype` ("float32" | "bfloat16") is the model's compute dtype (parameters,
-    optimiser state and BatchNorm statistics stay float32, logits come back float32) and
-    `config.remat_stages` its `use_checkpoint_stages`; `config.bn_group_size` its `bn_group_size`
-    (training BatchNorm statistics per group of that many images, the official per-GPU batch;
-    0: the whole batch). None changes the weights, so none is recorded in checkpoints.
+    optimiser state and BatchNorm statistics stay float32, logits come back float32),
+    `config.remat_stages` its `use_checkpoint_stages`, `config.scan_blocks` its `scan_blocks` and
+    `config.bn_group_size` its `bn_group_size` (training BatchNorm statistics per group of that many
+    images, the official per-GPU batch; 0: the whole batch). None changes the weights, so none is
+    recorded in checkpoints (a run may resume across them).
     """
     kwargs = dict(config.model_kwargs)
     kwargs.setdefault("num_classes", num_classes)
@@ -60,6 +61,8 @@ def model_from_config(config, num_classes: int):
         kwargs["use_checkpoint_stages"] = tuple(int(i) for i in config.remat_stages)
     if config.bn_group_size:
         kwargs["bn_group_size"] = int(config.bn_group_size)
+    if config.get("scan_blocks") is not None:  # segmentation configs leave it to their models
+        kwargs["scan_blocks"] = bool(config.scan_blocks)
     return create_model(config.model, **kwargs)
 
 

@@ -325,18 +325,32 @@ def batch_groups(batch: int, group_size: int) -> int:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's DropPath), drawn from the 'drop_path' rng."""
+    """Stochastic depth per sample (timm's DropPath): x (N, ...) -> x, each sample zeroed with
+    probability `rate` and the rest scaled by 1 / (1 - rate).
 
-    rate: float
+    The mask is drawn from `key` when given (a block's, see `drop_path_keys`), else from the
+    'drop_path' rng. `rate` may be a traced scalar (a scanned stage's per-block rate): the mask
+    is then drawn whatever its value, and at rate 0 keeps every sample (x / 1 is x exactly).
+    """
+
+    rate: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if not train or self.rate == 0.0:
+    def __call__(self, x: jax.Array, train: bool = False, key: Optional[jax.Array] = None) -> jax.Array:
+        if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
             return x
-        keep = 1.0 - self.rate
-        rng = self.make_rng("drop_path")
+        # One arithmetic for a Python and a traced rate (float32, float64 under x64), so a
+        # scanned stage draws and scales exactly as the unrolled one.
+        keep = 1.0 - jnp.asarray(self.rate)
+        rng = self.make_rng("drop_path") if key is None else key
         mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def drop_path_keys(key: Optional[jax.Array], n: int) -> list[Optional[jax.Array]]:
+    """The keys of a block's n DropPath calls: fold_in(key, i), or n Nones (each then draws
+    from the 'drop_path' rng) when the block got no key."""
+    return [None] * n if key is None else [jax.random.fold_in(key, i) for i in range(n)]
 
 
 class ConvMlp(nn.Module):

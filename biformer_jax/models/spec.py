@@ -29,10 +29,11 @@ NOT_ARCHITECTURE = frozenset(
         "attn_impl",
         "dwconv_impl",
         "conv_impl",
-        "scan_blocks",  # the same blocks, run as one lax.scan at inference
+        "scan_blocks",  # the same blocks, run as one lax.scan per stage
         "features_only",
         "bn_group_size",  # which images share BatchNorm statistics in training
         "head_init",  # only the initial values of the segmentation heads
+        "scan_remat",  # what the scanned training step recomputes
     }
 )
 

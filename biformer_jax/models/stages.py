@@ -13,7 +13,7 @@ declare their modules directly on the calling model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,7 @@ def check_official_args(model: nn.Module, source: str) -> None:
         )
     if model.pe not in (None, "none"):
         raise ValueError(f"pe={model.pe!r}: {source} only accepts None / 'none'.")
+    check_scan_remat(model.scan_remat)
 
 
 def check_head_split(model: nn.Module, stages: Sequence[int]) -> None:
@@ -125,12 +126,30 @@ def stage_routing(model: nn.Module, i: int, **extra: Any) -> RoutingSettings:
     )
 
 
+# Rematerialisation inside a scanned stage's body (`model.scan_remat`): what each block keeps
+# for the backward pass. A stage in `use_checkpoint_stages` keeps nothing ("nothing"), as the
+# official per-block checkpointing does.
+SCAN_REMAT = {
+    "none": None,  # no recomputation: every residual kept, as the unrolled model keeps them
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # only the block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs kept, the rest recomputed
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_scan_remat(value: str) -> None:
+    if value not in SCAN_REMAT:
+        raise ValueError(f"scan_remat={value!r}: use one of {sorted(SCAN_REMAT)}.")
+
+
 def run_stages(
     model: nn.Module, x: jax.Array, train: bool, block_cls: type[nn.Module], stage_kwargs: Callable[[int], dict]
 ) -> list[jax.Array]:
     """Stem and downsampling layers, then the blocks of each stage; returns the four stage maps.
 
-    Each block gets the common official arguments of its stage plus `stage_kwargs(i)`.
+    Each block gets the common official arguments of its stage plus `stage_kwargs(i)`. In
+    train mode a stage with drop path draws one key from the 'drop_path' rng and block j
+    seeds its masks with fold_in(key, j), unrolled or scanned alike (so both draw the same).
     Must be called from `model`'s compact `__call__` (the modules are declared on it).
     """
     dt, pdt = model.dtype, model.param_dtype
@@ -141,8 +160,6 @@ def run_stages(
             x = Stem(model.embed_dim[0], dt, pdt, model.bn_group_size, name="downsample_layers_0")(x, train)
         else:
             x = Downsample(model.embed_dim[i], dt, pdt, model.bn_group_size, name=f"downsample_layers_{i}")(x, train)
-        # remat per stage, the official use_checkpoint_stages; `train` is static.
-        cls = nn.remat(block_cls, static_argnums=(2,)) if i in model.use_checkpoint_stages else block_cls
         kwargs = dict(
             dim=model.embed_dim[i],
             layer_scale_init_value=model.layer_scale_init_value,
@@ -155,32 +172,40 @@ def run_stages(
             **stage_kwargs(i),
         )
         names = [f"stages_{i}_{j}" for j in range(model.depth[i])]
-        if scans_blocks(model, train) and len(names) > 1:
-            x = scanned_blocks(model, x, block_cls(drop_path=0.0, parent=None, **kwargs), names)
+        rates = dp_rates[cur : cur + model.depth[i]]
+        key = model.make_rng("drop_path") if train and any(r > 0 for r in rates) else None
+        remat = i in model.use_checkpoint_stages
+        if scans_blocks(model) and len(names) > 1:
+            block = block_cls(drop_path=0.0, parent=None, **kwargs)
+            if train:
+                policy = "nothing" if remat else model.scan_remat
+                x = scanned_train_blocks(model, x, block, names, rates, key, policy)
+            else:
+                x = scanned_blocks(model, x, block, names)
         else:
+            # remat per stage, the official use_checkpoint_stages; `train` is static.
+            cls = nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
             for j, name in enumerate(names):
-                x = cls(drop_path=dp_rates[cur + j], name=name, **kwargs)(x, train)
+                block_key = None if key is None else jax.random.fold_in(key, j)
+                x = cls(drop_path=rates[j], name=name, **kwargs)(x, train, block_key)
         cur += model.depth[i]
         features.append(x)
     return features
 
 
-def scans_blocks(model: nn.Module, train: bool) -> bool:
-    """Whether `run_stages` scans over each stage's blocks: with `model.scan_blocks` at inference.
+def scans_blocks(model: nn.Module) -> bool:
+    """Whether `run_stages` scans over each stage's blocks: with `model.scan_blocks`, in training
+    and at inference.
 
-    Training, initialisation and a pass that records intermediates (the routes, for
-    `visualize`) keep the unrolled blocks: drop path and `sow` need each block bound to the model.
+    Initialisation (which creates each block's variables under its own name) and a pass that
+    records intermediates (the routes, for `visualize`: `sow` needs each block bound to the
+    model) keep the unrolled blocks; they compute the same function.
     """
-    return (
-        model.scan_blocks
-        and not train
-        and not model.is_initializing()
-        and not model.is_mutable_collection("intermediates")
-    )
+    return model.scan_blocks and not model.is_initializing() and not model.is_mutable_collection("intermediates")
 
 
 def scanned_blocks(model: nn.Module, x: jax.Array, block: nn.Module, names: Sequence[str]) -> jax.Array:
-    """The blocks `names` of `model` applied in turn, as one `lax.scan` over the block index.
+    """Inference: the blocks `names` of `model` applied in turn, as one `lax.scan` over the block index.
 
     The same function as calling them one after another (every block of a stage has the same
     structure; only drop path differs, which inference does not apply). XLA then compiles one
@@ -189,6 +214,8 @@ def scanned_blocks(model: nn.Module, x: jax.Array, block: nn.Module, names: Sequ
     shrink (README, "Speed and memory"). The variables keep their per-block layout (checkpoints
     and converters are unchanged): step j picks block j's with `lax.switch`, a copy of one
     block's weights, where stacking the stage's weights for the scan would copy them all.
+    Not for differentiation: the transpose of that switch gives every iteration a cotangent
+    for every block's weights (depth^2 work); training takes `scanned_train_blocks`.
     `block`: an unbound block module (parent=None) with the stage's arguments.
     """
     per_block = [{col: tree[name] for col, tree in model.variables.items() if name in tree} for name in names]
@@ -198,6 +225,47 @@ def scanned_blocks(model: nn.Module, x: jax.Array, block: nn.Module, names: Sequ
         return block.apply(variables, h, False), None  # h: (N, H, W, C) -> (N, H, W, C)
 
     x, _ = jax.lax.scan(step, x, jnp.arange(len(names)))
+    return x
+
+
+def scanned_train_blocks(
+    model: nn.Module,
+    x: jax.Array,
+    block: nn.Module,
+    names: Sequence[str],
+    rates: Sequence[float],
+    key: Optional[jax.Array],
+    remat: str,
+) -> jax.Array:
+    """Train mode: the blocks `names` of `model` as one `lax.scan`, differentiable in linear cost.
+
+    Each stage's variables are stacked along a new leading axis inside the step (`jnp.stack`:
+    its transpose slices the stacked cotangent back, one block's worth per block) and fed to
+    the scan as inputs with the block index and the per-block drop-path rate; block j seeds
+    its masks with fold_in(key, j) as the unrolled stage does, and a rate of 0 draws a mask
+    that keeps every sample, so both compute the same function from the same rng. Mutable
+    collections of the blocks (a BatchNorm's statistics) come back stacked and are written to
+    each block's own entry. The body is rematerialised with `SCAN_REMAT[remat]`.
+    x: (N, H, W, C) -> (N, H, W, C).
+    """
+    cols = [col for col, tree in model.variables.items() if names[0] in tree]
+    stacked = {col: jax.tree.map(lambda *a: jnp.stack(a), *(model.variables[col][n] for n in names)) for col in cols}
+    mutable = [col for col in cols if col != "params" and model.is_mutable_collection(col)]
+
+    def step(h, xs):
+        j, variables, rate = xs
+        blk, block_key = (block, None) if key is None else (block.clone(drop_path=rate), jax.random.fold_in(key, j))
+        if not mutable:
+            return blk.apply(variables, h, True, block_key), {}
+        return blk.apply(variables, h, True, block_key, mutable=mutable)  # (h, {col: block j's})
+
+    if SCAN_REMAT[remat] is not None:
+        step = jax.checkpoint(step, policy=SCAN_REMAT[remat], prevent_cse=False)  # scan already keeps CSE out
+    rates = jnp.asarray(rates)  # (depth,): the default float dtype, as DropPath's Python rate becomes
+    x, updates = jax.lax.scan(step, x, (jnp.arange(len(names)), stacked, rates))
+    for col in mutable:
+        for j, name in enumerate(names):
+            model.put_variable(col, name, jax.tree.map(lambda a, j=j: a[j], updates[col]))
     return x
 
 
