@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biformer_jax import data, models
+from biformer_jax import data, models, tasks
 from biformer_jax.models import biformer, stages
 from biformer_jax.models.layers import BatchNorm
 from biformer_jax.training import checkpoint, train_lib
@@ -161,7 +161,8 @@ def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
     """Steps 1-2 unrolled then 3-4 scanned, and the other way round, give the losses of an
     uninterrupted unrolled run: checkpoints keep the per-block layout either way."""
     kw = {"model_kwargs.depth": (1, 3, 1, 1), "model_kwargs.drop_path_rate": 0.3}
-    train_lib.train_and_evaluate(micro_config(scan_blocks=False, **kw), tmp_path / "straight")
+    config = micro_config(scan_blocks=False, **kw)
+    train_lib.train_and_evaluate(config, tmp_path / "straight", tasks.get(config))
     straight = _losses(tmp_path / "straight")
     real_iterator = data.train_iterator
 
@@ -175,10 +176,10 @@ def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
         workdir = tmp_path / f"scan_{first}_then_{then}"
         monkeypatch.setattr(data, "train_iterator", dies_after_three)
         with pytest.raises(Preempted):
-            train_lib.train_and_evaluate(micro_config(scan_blocks=first, **kw), workdir)
+            train_lib.train_and_evaluate(micro_config(scan_blocks=first, **kw), workdir, tasks.get(config))
         assert checkpoint.resolve(workdir).step == 2
         monkeypatch.setattr(data, "train_iterator", real_iterator)
-        train_lib.train_and_evaluate(micro_config(scan_blocks=then, **kw), workdir)
+        train_lib.train_and_evaluate(micro_config(scan_blocks=then, **kw), workdir, tasks.get(config))
         resumed = _losses(workdir)
         assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
         np.testing.assert_allclose([resumed[s] for s in (1, 2, 3, 4)], [straight[s] for s in (1, 2, 3, 4)], rtol=1e-5)
