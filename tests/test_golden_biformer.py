@@ -11,17 +11,20 @@ def _params(cases):
     return [pytest.param(c, marks=pytest.mark.slow) if c in FULL_SIZE else c for c in cases]
 
 
-@pytest.mark.parametrize("case", _params(EVAL_CASES))
-def test_eval_logits_and_routes(case):
-    err, same, total = eval_case(case)
+@pytest.mark.parametrize(
+    "case, scan_blocks", [(c, False) for c in _params(EVAL_CASES)] + [("opts_b", True), ("opts_c_autopad", True)]
+)
+def test_eval_logits_and_routes(case, scan_blocks):
+    err, same, total = eval_case(case, scan_blocks)
     print(f"{case}: logits rel L2 {err:.2e}, routes {same}/{total}")
     assert err <= 1e-4, f"{case}: logits relative L2 error {err:.3e} > 1e-4"
     assert same >= 0.999 * total, f"{case}: only {same}/{total} routed rows pick the official region set"
 
 
 @pytest.mark.slow
-def test_train_gradients_and_running_stats():
-    logits_err, errors, counts = train_case("biformer_tiny_train")
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_train_gradients_and_running_stats(scan_blocks):
+    logits_err, errors, counts = train_case("biformer_tiny_train", scan_blocks)
     print(f"logits {logits_err:.1e}", {k: f"{v:.1e}" for k, v in errors.items()})
     assert logits_err <= 1e-4
     assert len(errors) >= 10 and not beyond_train_bar(errors), f"beyond the bar: {beyond_train_bar(errors)}"

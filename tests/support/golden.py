@@ -177,12 +177,13 @@ def route_agreement(ours: list[np.ndarray], theirs: list[np.ndarray]) -> tuple[i
     return same, total
 
 
-def train_case(case: str) -> tuple[float, dict[str, float], list[int]]:
+def train_case(case: str, scan_blocks: bool = False) -> tuple[float, dict[str, float], list[int]]:
     """Runs a train case through the calling convention of golden/README.md.
 
     One train-mode forward (BatchNorm on batch statistics) and the gradient of
     sum(logits * cotangent). Returns (logits relative L2 error, {"<grad key>" or
     "after/<running stat>": relative L2 error}, every BatchNorm's num_batches_tracked).
+    `scan_blocks`: each stage's blocks as one lax.scan (the scanned training step).
     """
     import jax
     import jax.numpy as jnp
@@ -190,7 +191,7 @@ def train_case(case: str) -> tuple[float, dict[str, float], list[int]]:
     from biformer_jax import convert, models
 
     g = require(case)
-    model = models.create_model(g.model_name, **g.kwargs)
+    model = models.create_model(g.model_name, **g.kwargs, scan_blocks=scan_blocks)
     variables = convert.from_torch_state_dict(g.state_dict(), model)
     x, cotangent = jnp.asarray(g.input_nhwc()), jnp.asarray(g.data["cotangent"])
     key = jax.random.key(0)
@@ -226,10 +227,12 @@ def beyond_train_bar(errors: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in errors.items() if v > (1e-2 if k.startswith("after/") else 1e-3)}
 
 
-def eval_case(case: str) -> tuple[float, int, int]:
+def eval_case(case: str, scan_blocks: bool = False) -> tuple[float, int, int]:
     """Runs an eval case through the calling convention of golden/README.md.
 
     Returns (logits relative L2 error, routed rows with the official region set, all rows).
+    `scan_blocks`: the logits come from a pass without recorded intermediates, whose blocks
+    run as one lax.scan per stage (the routes are still recorded unrolled).
     """
     import jax
     import jax.numpy as jnp
@@ -237,7 +240,7 @@ def eval_case(case: str) -> tuple[float, int, int]:
     from biformer_jax import convert, models
 
     g = require(case)
-    model = models.create_model(g.model_name, **g.kwargs)
+    model = models.create_model(g.model_name, **g.kwargs, scan_blocks=scan_blocks)
     variables = convert.from_torch_state_dict(g.state_dict(), model)
 
     @jax.jit
@@ -246,5 +249,7 @@ def eval_case(case: str) -> tuple[float, int, int]:
         return logits, models.collect_routes(inter)
 
     logits, routes = forward(variables, jnp.asarray(g.input_nhwc()))
+    if scan_blocks:
+        logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(g.input_nhwc()))
     same, total = route_agreement(routes, g.routes())
     return rel_l2(logits, g.data["logits"]), same, total
