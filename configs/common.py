@@ -104,9 +104,11 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     # (BiFormer scripts/train.sh batch_size=128), 256 for DeBiFormer (README --batch-size 256).
     # The running statistics are the first group's (DDP broadcasts rank 0's buffers every step).
     config.bn_group_size = 128
-    # Each stage's blocks as one lax.scan in the training step (the model's scan_blocks; same
-    # numbers, same checkpoints): README "Scanned blocks" for the compile time, step time and memory.
-    config.scan_blocks = True
+    # True: each stage's blocks as one lax.scan in the training step (the model's scan_blocks; same
+    # numbers, same checkpoints). Off by default: on an H200 the scanned BiFormer-S/B step compiles in
+    # 0.40x / 0.42x the time but runs 1.16x / 1.18x slower (README "Scanned blocks"); turn it on where
+    # compiles dominate (sweeps, short runs, CPU).
+    config.scan_blocks = False
 
     if recipe == "debiformer":
         _debiformer_recipe(config)
