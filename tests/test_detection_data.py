@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pycocotools")
-
-from biformer_jax.data.detection import (  # noqa: E402
+from biformer_jax.data.detection import (
     CocoFormatError,
     coco_box_ap,
     load_image,

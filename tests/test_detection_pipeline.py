@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("pycocotools")
-
-from biformer_jax.data.detection import CocoFormatError, read_coco  # noqa: E402
-from biformer_jax.data.detection import pipeline as P  # noqa: E402
-from biformer_jax.data.detection import transforms as T  # noqa: E402
+from biformer_jax.data.detection import CocoFormatError, read_coco
+from biformer_jax.data.detection import pipeline as P
+from biformer_jax.data.detection import transforms as T
 
 
 def mmcv_rescale(w, h, scale=(1333, 800)):

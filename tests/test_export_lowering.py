@@ -69,19 +69,21 @@ def test_model_with_pallas_kernels_exports_for_cpu_cuda_and_tpu(case, dtype):
     assert logits.shape == (2, 1000) and len(grads) == len(jax.tree.leaves(variables["params"]))
 
 
-def test_biformer_s_sharded_training_step_exports_for_tpu_and_cuda(monkeypatch):
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_biformer_s_sharded_training_step_exports_for_tpu_and_cuda(monkeypatch, scan_blocks):
     """The trainer's own setup and jitted step for configs/biformer_s.py (attn_impl 'auto':
-    the kernel in stage 1 on GPU/TPU; blocks scanned, the config's default), state sharded as
-    it shards it, on data 2 x fsdp 4."""
+    the kernel in stage 1 on GPU/TPU), unrolled (the config's default) and scanned, state sharded
+    as it shards it, on data 2 x fsdp 4."""
     from configs import biformer_s
 
     config = biformer_s.get_config()
-    assert config.scan_blocks
+    config.scan_blocks = scan_blocks
     config.mesh.data, config.mesh.fsdp = 2, 4
     # No dataset here: the sizes ImageNet-1K would report.
     info = data.DatasetInfo(num_classes=1000, num_train_examples=1281167, num_eval_examples=50000, image_size=224)
-    monkeypatch.setattr(train_lib.data, "dataset_info", lambda cfg: info)
-    run = train_lib.setup(config, tasks.get(config), devices=jax.devices()[:8])
+    task = tasks.get(config)
+    monkeypatch.setattr(task, "dataset_info", lambda cfg: info)
+    run = train_lib.setup(config, task, devices=jax.devices()[:8])
     step = train_lib.make_train_step(config, run)
     batch_sharding = sharding.batch_sharding(run.mesh)
     b = config.global_batch_size
@@ -93,6 +95,8 @@ def test_biformer_s_sharded_training_step_exports_for_tpu_and_cuda(monkeypatch):
     exported = jax.export.export(step, platforms=("tpu", "cuda"), disabled_checks=EXPORT_CHECKS)(state, batch)
     assert exported.nr_devices == 8
     text = exported.mlir_module()
+    # Stage 1's forward, dq and dk/dv kernels, each lowered once (scanned or not: its 4 unrolled
+    # blocks share one lowered function per kernel).
     assert text.count("mosaic_gpu_v2") == 3 and text.count("tpu_custom_call") == 3
     # Shardy annotations: the mesh, FSDP-sharded state and the batch split over both axes.
     assert 'sdy.mesh @mesh = <["data"=2, "fsdp"=4]>' in text

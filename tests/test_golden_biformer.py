@@ -7,13 +7,12 @@ EVAL_CASES = ["opts_a", "opts_b", "opts_c_autopad", "opts_d", "biformer_tiny", "
 FULL_SIZE = {"biformer_tiny", "biformer_small", "biformer_base"}
 
 
-def _params(cases):
-    return [pytest.param(c, marks=pytest.mark.slow) if c in FULL_SIZE else c for c in cases]
+def _params(cases, scan_blocks):
+    """(case, scan_blocks) pairs, the full-size models marked slow."""
+    return [pytest.param(c, scan_blocks, marks=pytest.mark.slow) if c in FULL_SIZE else (c, scan_blocks) for c in cases]
 
 
-@pytest.mark.parametrize(
-    "case, scan_blocks", [(c, False) for c in _params(EVAL_CASES)] + [("opts_b", True), ("opts_c_autopad", True)]
-)
+@pytest.mark.parametrize("case, scan_blocks", _params(EVAL_CASES, False) + _params(["opts_b", "opts_c_autopad"], True))
 def test_eval_logits_and_routes(case, scan_blocks):
     err, same, total = eval_case(case, scan_blocks)
     print(f"{case}: logits rel L2 {err:.2e}, routes {same}/{total}")

@@ -257,7 +257,12 @@ def test_fused_norm_linear_and_gelu_linear_match_autodiff(shape):
     (la, (gpa, gxa)), (lb, (gpb, gxb)) = (
         jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1))(params, x) for f in (True, False)
     )
-    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    ya, yb = (_NormThen(f).apply({"params": params}, x) for f in (True, False))
+    # Outputs within float32 rounding of their scale (measured <= 2.4e-6 abs at max|y| ~ 12, seeds 0-3).
+    np.testing.assert_allclose(ya, yb, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(yb))))
+    # The loss sums terms of both signs, so its error is bounded by the sum of their sizes, not by the
+    # (cancelled) loss itself: measured <= 4.1e-8 of sum|sin(y)| (1.3e-6 .. 2.3e-6 of the loss itself).
+    np.testing.assert_allclose(la, lb, rtol=0, atol=1e-7 * float(jnp.sum(jnp.abs(jnp.sin(yb)))))
 
     def close(a, b):  # float32 rounding of sums scales with the gradient's size (up to ~100 here)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(np.max(np.abs(b))))

@@ -38,6 +38,7 @@ def test_missing_golden_data_fails_only_where_required(tmp_path, require):
     empty = tmp_path / "golden"
     empty.mkdir()
     proc = _pytest(
+        # opts_a (unrolled) and the training case unrolled and scanned: 3 tests.
         ["tests/test_golden_biformer.py", "-k", "opts_a or train_gradients"],
         {"BIFORMER_GOLDEN_DIR": str(empty), "BIFORMER_REQUIRE_GOLDEN": require},
         tmp_path,
@@ -45,10 +46,10 @@ def test_missing_golden_data_fails_only_where_required(tmp_path, require):
     reason = f"golden file opts_a.npz not found under {empty}"
     assert reason in proc.stdout, proc.stdout[-3000:]
     if require == "1":
-        assert proc.returncode == 1 and "2 failed" in proc.stdout, proc.stdout[-3000:]
+        assert proc.returncode == 1 and "3 failed" in proc.stdout, proc.stdout[-3000:]
         assert "BIFORMER_REQUIRE_GOLDEN=1" in proc.stdout
     else:
-        assert proc.returncode == 0 and "2 skipped" in proc.stdout, proc.stdout[-3000:]
+        assert proc.returncode == 0 and "3 skipped" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_scripts_test_sh_requires_golden_data_and_torch():
