@@ -99,35 +99,35 @@ def pad_to_multiple(x: jax.Array, p: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))  # (N, p*h, p*w, C)
 
 
-def _as_float(d) -> jax.Array:
-    """A (possibly symbolic) dimension as a float32 scalar array."""
-    return jnp.asarray(d, jnp.float32)
+def _as_float(d, dtype=jnp.float32) -> jax.Array:
+    """A (possibly symbolic) dimension as a float scalar array (float32 unless `dtype` says otherwise)."""
+    return jnp.asarray(d, dtype)
 
 
-def _minus_one_at_least_one(n):
-    """max(n - 1, 1) of a dimension: a Python int, or a float32 array for a symbolic n."""
-    return max(n - 1, 1) if isinstance(n, int) else jnp.maximum(_as_float(n) - 1, 1)
+def _minus_one_at_least_one(n, dtype=jnp.float32):
+    """max(n - 1, 1) of a dimension: a Python int, or a `dtype` array for a symbolic n."""
+    return max(n - 1, 1) if isinstance(n, int) else jnp.maximum(_as_float(n, dtype) - 1, 1)
 
 
-def _cell_centres(n) -> jax.Array:
+def _cell_centres(n, dtype=jnp.float32) -> jax.Array:
     """(n,) centres of n cells spanning [-1, 1]: the release's linspace(0.5, n - 0.5, n) / n * 2 - 1."""
     if isinstance(n, int):
-        return (jnp.linspace(0.5, n - 0.5, n, dtype=jnp.float32) / n) * 2 - 1
+        return (jnp.linspace(0.5, n - 0.5, n, dtype=dtype) / n) * 2 - 1
     # A symbolic n (jnp.linspace needs a concrete count): the same formula linspace uses.
-    t = jnp.arange(n, dtype=jnp.float32) / _minus_one_at_least_one(n)
-    return ((0.5 * (1 - t) + (_as_float(n) - 0.5) * t) / _as_float(n)) * 2 - 1
+    t = jnp.arange(n, dtype=dtype) / _minus_one_at_least_one(n, dtype)
+    return ((0.5 * (1 - t) + (_as_float(n, dtype) - 0.5) * t) / _as_float(n, dtype)) * 2 - 1
 
 
-def reference_points(h: int, w: int) -> jax.Array:
+def reference_points(h: int, w: int, dtype=jnp.float32) -> jax.Array:
     """Cell centres of an h x w grid in [-1, 1], (h, w, 2) as (y, x) (the release's `_get_ref_points`)."""
-    return jnp.stack(jnp.meshgrid(_cell_centres(h), _cell_centres(w), indexing="ij"), axis=-1)
+    return jnp.stack(jnp.meshgrid(_cell_centres(h, dtype), _cell_centres(w, dtype), indexing="ij"), axis=-1)
 
 
-def query_grid(h: int, w: int) -> jax.Array:
+def query_grid(h: int, w: int, dtype=jnp.float32) -> jax.Array:
     """Token positions of an h x w map in [-1, 1] (corners at +-1), (h, w, 2) as (y, x)."""
     # The release divides by (h - 1), which is 0/0 for a single row; such a map is centred here.
-    ys = jnp.arange(h, dtype=jnp.float32) / _minus_one_at_least_one(h) * 2 - 1
-    xs = jnp.arange(w, dtype=jnp.float32) / _minus_one_at_least_one(w) * 2 - 1
+    ys = jnp.arange(h, dtype=dtype) / _minus_one_at_least_one(h, dtype) * 2 - 1
+    xs = jnp.arange(w, dtype=dtype) / _minus_one_at_least_one(w, dtype) * 2 - 1
     return jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1)
 
 
@@ -285,7 +285,10 @@ class DeBiLevelRoutingAttention(nn.Module):
         off = head(off)  # (N*g, Hk, Wk, 1)
         _, hk, wk, _ = off.shape
         # One offset channel, broadcast to (y, x) as the release does; positions stay in [-1, 1].
-        pos = jnp.clip(off.astype(jnp.float32) + reference_points(hk, wk), -1.0, 1.0)  # (N*g, Hk, Wk, 2)
+        # Positions, logits and the position bias are computed in float32 at least (bfloat16 runs
+        # keep them in float32; float64 runs in float64).
+        acc = jnp.promote_types(dt, jnp.float32)
+        pos = jnp.clip(off.astype(acc) + reference_points(hk, wk, acc), -1.0, 1.0)  # (N*g, Hk, Wk, 2)
         sampled = grid_sample(split_groups(x, g), pos[..., ::-1])  # (N*g, Hk, Wk, Cg)
         sampled = merge_groups(sampled, g)  # (N, Hk, Wk, C)
 
@@ -332,7 +335,7 @@ class DeBiLevelRoutingAttention(nn.Module):
         k = conv2d(c, 1, c, "proj_k", dt, pdt)(agents).reshape(n, ns, m, c // m)  # (N, Ns, m, C/m)
         v = conv2d(c, 1, c, "proj_v", dt, pdt)(agents).reshape(n, ns, m, c // m)  # (N, Ns, m, C/m)
         qh = q.reshape(n, hh * ww, m, c // m)  # (N, HW, m, C/m)
-        logits = jnp.einsum("nqmc,nkmc->nmqk", qh, k, preferred_element_type=jnp.float32) * scale  # (N, m, HW, Ns)
+        logits = jnp.einsum("nqmc,nkmc->nmqk", qh, k, preferred_element_type=acc) * scale  # (N, m, HW, Ns)
         # timm's trunc_normal_(std=.01) cuts at +-2 absolute, i.e. 200 std: a plain normal.
         rpe_table = self.param(
             "rpe_table",
@@ -351,14 +354,15 @@ def position_bias(table: jax.Array, pos: jax.Array, h: int, w: int) -> jax.Array
     """The relative position bias of every token of an h x w map to every deformed point.
 
     table: (m, Th, Tw) per-head bias over displacements in [-1, 1]^2; pos: (N, g, Ns, 2) point
-    positions (y, x) of each group, heads group-major. Returns (N, m, h*w, Ns) float32: the
-    table sampled bilinearly at (query position - point position) / 2.
+    positions (y, x) of each group, heads group-major. Returns (N, m, h*w, Ns) in pos.dtype (float32
+    at least): the table sampled bilinearly at (query position - point position) / 2.
     """
     m, th, tw = table.shape
     n, g, ns, _ = pos.shape
     hg = m // g
-    disp = (query_grid(h, w).reshape(1, 1, h * w, 1, 2) - pos[:, :, None]) * 0.5  # (N, g, HW, Ns, 2)
+    acc = jnp.promote_types(pos.dtype, jnp.float32)
+    disp = (query_grid(h, w, acc).reshape(1, 1, h * w, 1, 2) - pos[:, :, None]) * 0.5  # (N, g, HW, Ns, 2)
     grid = disp[..., ::-1].transpose(1, 0, 2, 3, 4).reshape(g, n * h * w * ns, 2)  # (g, N*HW*Ns, 2) as (x, y)
-    image = table.astype(jnp.float32).reshape(g, hg, th, tw).transpose(0, 2, 3, 1)  # (g, Th, Tw, hg)
+    image = table.astype(acc).reshape(g, hg, th, tw).transpose(0, 2, 3, 1)  # (g, Th, Tw, hg)
     bias = grid_sample(image, grid).reshape(g, n, h * w, ns, hg)  # (g, N, HW, Ns, hg)
     return bias.transpose(1, 0, 4, 2, 3).reshape(n, m, h * w, ns)  # (N, g*hg, HW, Ns)
