@@ -93,7 +93,8 @@ def evaluate(model, variables, config, *, desc: str = "eval") -> tuple[dict[str,
     """({"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"}, COCO results)."""
     ds = det_data.read_split(config.data, "eval")
     results, ids = coco_results(predict_split(model, variables, config, desc=desc), ds.cat_ids)
-    metrics = det_evaluation.coco_box_ap(ds.coco, results, image_ids=sorted(set(ids)))
+    # copies: pycocotools' loadRes adds "area", "id", "iscrowd" to the dicts it is given
+    metrics = det_evaluation.coco_box_ap(ds.coco, [dict(r) for r in results], image_ids=sorted(set(ids)))
     return metrics, results
 
 

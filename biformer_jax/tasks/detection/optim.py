@@ -37,7 +37,7 @@ def lr_schedule(optim_cfg, steps_per_epoch: int) -> Callable[[jax.Array], jax.Ar
 
     def schedule(step):
         i = jnp.asarray(step, jnp.float32)
-        epoch = jnp.floor(i / steps_per_epoch)
+        epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch  # exact, however many steps
         passed = sum((epoch >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
         lr = base * gamma**passed
         if warmup_iters > 0:
