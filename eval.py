@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from biformer_jax import cli, data, tasks
+from biformer_jax.data.detection.coco import CocoFormatError
 from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.training import checkpoint
@@ -47,6 +48,7 @@ def main(argv):
         CheckpointMismatchError,
         FileNotFoundError,
         SegDataError,
+        CocoFormatError,
     ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from biformer_jax import cli, data, tasks
+from biformer_jax.data.detection.coco import CocoFormatError
 from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.training import checkpoint, distributed, preemption, train_lib
@@ -62,6 +63,7 @@ def main(argv):
         CheckpointMismatchError,
         train_lib.NonFiniteLossError,
         SegDataError,
+        CocoFormatError,
     ) as e:
         # Bad input, not a bug: the message says what is wrong and what to do; no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 """Every config file loads (plain and :runlocal), passes the data checks and builds its model (eval_shape only):
-the classification configs, the segmentation configs (configs/seg/) and the sweeps (configs/sweeps/)."""
+the classification configs, the segmentation configs (configs/seg/), the detection configs (configs/det/) and
+the sweeps (configs/sweeps/)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Every experiment config file (a new one is checked without being listed here).
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
 SEG_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "seg").glob("*.py") if p.stem not in ("__init__", "common"))
+DET_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "det").glob("*.py") if p.stem not in ("__init__", "common"))
 SWEEPS = sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.py"))
 # Official recipes: (model, drop_path_rate, global batch, base lr per 512 images, warmup epochs, weight decay, EMA).
 RECIPES = {
@@ -60,9 +62,10 @@ def test_config_loads_and_builds_its_model(name, arg):
 
 def test_every_config_file_under_configs_is_checked():
     files = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.py")}
-    files -= {"__init__.py", "common.py", "seg/__init__.py", "seg/common.py"}
+    files -= {"__init__.py", "common.py", "seg/__init__.py", "seg/common.py", "det/__init__.py", "det/common.py"}
     checked = {f"{n}.py" for n in CONFIGS} | {f"seg/{n}.py" for n in SEG_CONFIGS} | {f"sweeps/{n}" for n in SWEEPS}
-    assert files == checked and len(SEG_CONFIGS) == 9 and SWEEPS
+    checked |= {f"det/{n}.py" for n in DET_CONFIGS}
+    assert files == checked and len(SEG_CONFIGS) == 9 and len(DET_CONFIGS) == 5 and SWEEPS
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal"])
@@ -83,6 +86,25 @@ def test_segmentation_config_loads_and_builds_its_model(name, arg):
     x = jax.ShapeDtypeStruct((1, *config.data.crop_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     assert variables["params"]["decode_head"]["conv_seg"]["kernel"].shape[-1] == len(names)
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("name", DET_CONFIGS)
+def test_detection_config_loads_and_builds_its_model(name, arg):
+    config = importlib.import_module(f"configs.det.{name}").get_config(arg)
+    assert config.task == "detection" and config.data.name in ("coco", "synthetic")
+    if config.data.name == "coco":
+        assert config.data.root == ""  # set on the command line: --config.data.root=...
+    assert config.model in models.list_models(), f"configs/det/{name}.py: model {config.model!r} is not registered"
+    assert config.optim.lr > 0 and config.optim.schedule == "step" and config.checkpoint.best_metric == "eval/bbox_mAP"
+    if arg == "runlocal" or name == "quickstart":
+        return
+    # the official recipe: AdamW 1e-4, weight decay 1e-4, 12 epochs at batch 16, x0.1 after 8 and 11
+    assert (config.optim.lr, config.optim.weight_decay, config.num_epochs) == (1e-4, 1e-4, 12)
+    assert (config.global_batch_size, tuple(config.optim.lr_steps), config.optim.warmup_iters) == (16, (8, 11), 500)
+    model = from_config.model_from_config(config, 80)
+    variables = from_config.abstract_variables(model, (256, 320))
+    assert variables["params"]["bbox_head"]["retina_cls"]["kernel"].shape[-1] == 9 * 80
 
 
 @pytest.mark.parametrize("name", SWEEPS)

@@ -128,8 +128,8 @@ def test_the_registry_reads_config_task_and_defaults_to_classification():
     assert tasks.get(quickstart_classifier.get_config()).name == "classification"  # no `task` field
     assert tasks.get(_config()).name == "segmentation"
     config = _config()
-    config.task = "detection"
-    with pytest.raises(ValueError, match=r"config.task='detection'.*\['classification', 'segmentation'\]"):
+    config.task = "keypoints"
+    with pytest.raises(ValueError, match=r"config.task='keypoints'.*\['classification', 'detection', 'segmentation'\]"):
         tasks.get(config)
 
 

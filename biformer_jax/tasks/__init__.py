@@ -4,7 +4,7 @@
     task = tasks.get(config)        # config.task names it; a config without `task` is classification
     train_lib.train_and_evaluate(config, workdir, task)
 
-`base.Task` is the protocol; `classification/` and `segmentation/` implement it (each with its
+`base.Task` is the protocol; `classification/`, `segmentation/` and `detection/` implement it (each with its
 steps, optimiser, evaluation and inference). The trainer (`training/`) imports none of them: it
 is handed the task. Adding a task: README "Code layout", "Adding a task".
 """
@@ -14,13 +14,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from biformer_jax.models.detection import DETECTION_VARIANTS
 from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from biformer_jax.tasks.base import EVAL_RESULTS_FILE, Task, write_results
 from biformer_jax.tasks.classification.task import ClassificationTask
+from biformer_jax.tasks.detection.task import DetectionTask
 from biformer_jax.tasks.segmentation.task import SegmentationTask
 
 DEFAULT = "classification"
-TASKS: dict[str, Task] = {"classification": ClassificationTask(), "segmentation": SegmentationTask()}
+TASKS: dict[str, Task] = {
+    "classification": ClassificationTask(),
+    "segmentation": SegmentationTask(),
+    "detection": DetectionTask(),
+}
 
 
 def name_of(config) -> str:
@@ -39,7 +45,12 @@ def get(config) -> Task:
 def for_record(record: Mapping[str, Any]) -> Task:
     """The task a checkpoint's record (its meta) was trained for, read from its model: what predict.py,
     export and visualize, which take no config, ask before they load it."""
-    return TASKS["segmentation" if record.get("model") in SEGMENTATION_VARIANTS else DEFAULT]
+    model = record.get("model")
+    if model in SEGMENTATION_VARIANTS:
+        return TASKS["segmentation"]
+    if model in DETECTION_VARIANTS:
+        return TASKS["detection"]
+    return TASKS[DEFAULT]
 
 
 def require(record: Mapping[str, Any], name: str, *, where: str, instead: str) -> Task:

@@ -8,8 +8,8 @@ stateless object; `biformer_jax.tasks.get(config)` returns the one `config.task`
 
 Batches are dicts of arrays with the global batch first (the trainer shards every key over
 the mesh): classification {"image" (B, S, S, 3), "label" (B,)}; segmentation {"image" (B, h, w,
-3), "label" (B, h, w)}; a detection task adds padded {"boxes" (B, M, 4), "classes" (B, M),
-"num_boxes" (B,)} and its step reads them. The evaluation returns scalars keyed by name
+3), "label" (B, h, w)}; detection {"image" (B, h, w, 3)} plus padded {"gt_bboxes" (B, M, 4),
+"gt_labels" (B, M), "gt_valid" (B, M), "pad_shape" (B, 2)}. The evaluation returns scalars keyed by name
 ("top1", "mIoU", "bbox_mAP", ...): config.checkpoint.best_metric names one of them, prefixed
 "eval/" or "eval_ema/".
 """
@@ -71,7 +71,8 @@ class Task(Protocol):
 
     def predict_batch(self, model, variables, images) -> Any:
         """The model's answer for one batch of preprocessed images (N, H, W, 3): classification logits
-        (N, K); segmentation logits (N, h, w, K). What predict.py, export and visualize apply."""
+        (N, K); segmentation logits (N, h, w, K); detection `Detections` (boxes (N, 100, 4), ...).
+        What predict.py, export and visualize apply."""
 
 
 def host_rows(config, start_step: int) -> dict[str, Any]:

@@ -25,12 +25,14 @@ from PIL import Image
 
 from biformer_jax.data.classification import transforms
 from biformer_jax.data.record import IMAGENET_PREPROCESS, Preprocess, class_names_of, imagenet_class_names
+from biformer_jax.models.detection import DETECTION_VARIANTS
 from biformer_jax.models.segmentation import SEGMENTATION_VARIANTS
 from biformer_jax.tasks.classification.task import ClassificationTask
 from biformer_jax.training import checkpoint, loader
 
 TASK = ClassificationTask()  # what predict.py and export apply: TASK.predict_batch
 SEGMENTATION_INSTEAD = "predict with `python -m biformer_jax.segmentation.predict --config=configs/seg/...`"
+DETECTION_INSTEAD = "predict with `python predict.py --checkpoint=... [--draw=DIR] IMAGES`"
 
 # Model options that change how, not what, the model computes; an inference caller may override them.
 IMPL_OPTIONS = ("attn_impl", "dwconv_impl")
@@ -84,6 +86,11 @@ def _model_meta(path: str) -> tuple[checkpoint.CheckpointRef, dict[str, Any]]:
     return ref, meta
 
 
+def checkpoint_record(path: str) -> tuple[checkpoint.CheckpointRef, dict[str, Any]]:
+    """(ref, record) of the checkpoint at `path`; InferenceInputError saying what is wrong where it has none."""
+    return _model_meta(path)
+
+
 def _num_classes(meta: Mapping[str, Any]) -> int:
     return int(meta.get("model_kwargs", {}).get("num_classes", 1000))
 
@@ -122,6 +129,11 @@ def load(
         raise InferenceInputError(
             f"{ref.path}: the checkpoint is a segmentation model ({meta['model']!r}), and this takes "
             f"classification checkpoints; {SEGMENTATION_INSTEAD}."
+        )
+    if meta.get("model") in DETECTION_VARIANTS:
+        raise InferenceInputError(
+            f"{ref.path}: the checkpoint is a detection model ({meta['model']!r}), and this takes "
+            f"classification checkpoints; {DETECTION_INSTEAD}."
         )
     overrides = dict(model_overrides or {})
     bad = sorted(set(overrides) - set(IMPL_OPTIONS))

@@ -36,11 +36,21 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(dict(tree)) if tree else {}
 
 
-def merge_weights(saved: dict[str, Any], fresh: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, list]]:
+def merge_weights(
+    saved: dict[str, Any],
+    fresh: dict[str, Any],
+    source: str,
+    *,
+    class_layers: tuple[tuple[str, str], ...] = tuple((head, "conv_seg") for head in CLASS_CONVS),
+    task: str = "segmentation",
+    hint: str = _HINT,
+) -> tuple[dict[str, Any], dict[str, list]]:
     """{"params", "batch_stats"} with saved's arrays in fresh's tree; and what was loaded / kept fresh.
 
-    `saved` holds host arrays, `fresh` the freshly initialised model's. Raises
-    checkpoint.CheckpointMismatchError listing every array that does not fit.
+    `saved` holds host arrays, `fresh` the freshly initialised model's. `class_layers`: (top module,
+    layer) pairs whose arrays depend on the number of classes (they start fresh when their shapes
+    differ); `task` and `hint` word the error. Raises checkpoint.CheckpointMismatchError listing
+    every array that does not fit.
     """
     is_classifier = "backbone" not in saved.get("params", {})
     merged: dict[str, Any] = {}
@@ -62,7 +72,7 @@ def merge_weights(saved: dict[str, Any], fresh: dict[str, Any], source: str) -> 
                     out[key] = np.asarray(have[key], dtype=value.dtype)
                     report["loaded"].append(name)
                     continue
-                if key[0] in CLASS_CONVS and "conv_seg" in key:
+                if any(key[0] == top and layer in key for top, layer in class_layers):
                     out[key] = value  # another number of classes: this layer starts fresh
                     report["fresh"].append(name)
                     continue
@@ -78,15 +88,13 @@ def merge_weights(saved: dict[str, Any], fresh: dict[str, Any], source: str) -> 
         merged[collection] = traverse_util.unflatten_dict(out) if out else {}
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(
-            f"{source} (config.init_from, {'a classifier' if is_classifier else 'a segmentation'} checkpoint)",
-            "the configured segmentation model",
+            f"{source} (config.init_from, {'a classifier' if is_classifier else 'a ' + task} checkpoint)",
+            f"the configured {task} model",
             missing,
             unexpected,
             mismatched,
-            hint=_HINT,
+            hint=hint,
         )
     if not report["loaded"]:
-        raise CheckpointMismatchError(
-            f"{source} (config.init_from)", "the model: no array fits", [], [], [], hint=_HINT
-        )
+        raise CheckpointMismatchError(f"{source} (config.init_from)", "the model: no array fits", [], [], [], hint=hint)
     return merged, report
