@@ -46,9 +46,12 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from biformer_jax.detection import AnchorGenerator, DeltaXYWHBBoxCoder, multiclass_nms
+from biformer_jax.detection import AnchorGenerator, DeltaXYWHBBoxCoder, MaxIoUAssigner, multiclass_nms
+from biformer_jax.detection.roi_align import roi_align
+from biformer_jax.detection.sampler import RandomSampler
 from biformer_jax.models.detection import rpn_head as rpn
 from biformer_jax.models.detection.fpn import DetFPN
 from biformer_jax.models.detection.retinanet import _frozen_batchnorm, _input_sizes
@@ -66,6 +69,21 @@ class RCNNTestConfig:
     max_per_img: int = 100
     mask_thr_binary: float = 0.5
     zero_y2_rois: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """mmdet's `train_cfg` of the Mask R-CNN configs: RPN assigner 0.7 / 0.3 / 0.3 (low-quality
+    matches on), sampler 256 at 50% positives; the training proposals (top 2000 per level, NMS 0.7,
+    1000); RoI assigner 0.5 / 0.5 / 0.5, sampler 512 at 25% with the ground truth added; 28x28
+    mask targets. Every loss weight is 1."""
+
+    rpn_assigner: MaxIoUAssigner = MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3)
+    rpn_sampler: RandomSampler = RandomSampler(num=256, pos_fraction=0.5, add_gt_as_proposals=False)
+    rpn_proposal: rpn.RPNTestConfig = rpn.RPNTestConfig(nms_pre=2000, iou_threshold=0.7, max_per_img=1000)
+    rcnn_assigner: MaxIoUAssigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5)
+    rcnn_sampler: RandomSampler = RandomSampler(num=512, pos_fraction=0.25, add_gt_as_proposals=True)
+    mask_size: int = 28
 
 
 class MaskDetections(NamedTuple):
@@ -105,6 +123,7 @@ class MaskRCNN(nn.Module):
     norm_eval: bool = True
     rpn_test_cfg: rpn.RPNTestConfig = rpn.RPNTestConfig()
     test_cfg: RCNNTestConfig = RCNNTestConfig()
+    train_cfg: TrainConfig = TrainConfig()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -285,3 +304,164 @@ def detect(model: MaskRCNN, variables, x: jax.Array, image_sizes: Optional[jax.A
     cls_scores, bbox_preds, _, fpn = model.apply(variables, x, train=False, return_features=True)
     props = proposals_from_outputs(model, cls_scores, bbox_preds, sizes)
     return detections_from_proposals(model, variables, fpn, props, sizes, (x.shape[1], x.shape[2]))
+
+
+def _bce_with_logits(x: jax.Array, t: jax.Array) -> jax.Array:
+    # PyTorch's binary_cross_entropy_with_logits, elementwise and stable
+    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def rpn_losses(model: MaskRCNN, rpn_cls_scores, rpn_bbox_preds, gt_bboxes, gt_valid, pad_sizes, key):
+    """mmdet's `RPNHead.loss` (AnchorHead with sampling): every anchor inside its image's padded size
+    (`allowed_border=-1`) assigned and sampled; sigmoid BCE over the sampled anchors and L1 over the
+    sampled positives, both divided by sum over images of max(positives, 1) + max(negatives, 1)."""
+    cfg = model.train_cfg
+    gen = model.anchor_generator
+    sizes = [(int(m.shape[1]), int(m.shape[2])) for m in rpn_cls_scores]
+    anchors = jnp.asarray(np.concatenate(gen.grid_anchors(sizes)))
+    n = rpn_cls_scores[0].shape[0]
+
+    def one_image(gb, gv, pad, k):
+        valid = jnp.concatenate(gen.valid_flags(sizes, pad))
+        res = cfg.rpn_assigner.assign(anchors, gb, gv, None, bboxes_valid=valid)
+        pos, neg = cfg.rpn_sampler.sample(k, res.gt_inds, valid)
+        matched = gb[jnp.maximum(res.gt_inds - 1, 0)]
+        targets = jnp.where(pos[:, None], model.rpn_coder.encode(anchors, matched), 0.0)
+        return pos, neg, targets
+
+    keys = jax.random.split(key, n)
+    pos, neg, targets = jax.vmap(one_image)(gt_bboxes, gt_valid, pad_sizes, keys)
+    avg = (jnp.sum(jnp.maximum(jnp.sum(pos, 1), 1)) + jnp.sum(jnp.maximum(jnp.sum(neg, 1), 1))).astype(jnp.float32)
+    logits = jnp.concatenate([m.reshape(n, -1) for m in rpn_cls_scores], axis=1)  # (N, A_total)
+    deltas = jnp.concatenate([m.reshape(n, -1, 4) for m in rpn_bbox_preds], axis=1)  # (N, A_total, 4)
+    bce = _bce_with_logits(logits.astype(jnp.float32), pos.astype(jnp.float32))
+    loss_cls = jnp.sum(jnp.where(pos | neg, bce, 0.0)) / avg
+    loss_bbox = jnp.sum(jnp.where(pos[..., None], jnp.abs(deltas - targets), 0.0)) / avg
+    return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox, "num_rpn_samples": avg}
+
+
+def _sample_rois(model: MaskRCNN, props: rpn.Proposals, gt_bboxes, gt_labels, gt_valid, key):
+    """Per image: the RoI assigner on the proposals, the ground truth put in front (each box assigned
+    to itself), the RoI sampler -> rois (N, S, 4), positive / negative slot masks (N, S), labels
+    (N, S) (num_classes for negatives), matched ground-truth index (N, S)."""
+    cfg = model.train_cfg
+    sampler = cfg.rcnn_sampler
+
+    def one_image(boxes, count, gb, gl, gv, k):
+        p, g = boxes.shape[0], gb.shape[0]
+        pvalid = jnp.arange(p) < count
+        res = cfg.rcnn_assigner.assign(boxes, gb, gv, gl, bboxes_valid=pvalid)
+        if sampler.add_gt_as_proposals:
+            boxes = jnp.concatenate([gb, boxes])
+            pvalid = jnp.concatenate([gv, pvalid])
+            own = jnp.where(gv, jnp.arange(1, g + 1, dtype=jnp.int32), -1)
+            gt_inds = jnp.concatenate([own, res.gt_inds])
+            labels = jnp.concatenate([jnp.where(gv, gl.astype(jnp.int32), -1), res.labels])
+        else:
+            gt_inds, labels = res.gt_inds, res.labels
+        pos, neg = sampler.sample(k, gt_inds, pvalid)
+        order, spos, sneg = sampler.sampled_order(pos, neg)
+        labels = jnp.where(spos, labels[order], model.num_classes)
+        return boxes[order], spos, sneg, labels, jnp.maximum(gt_inds[order] - 1, 0)
+
+    keys = jax.random.split(key, props.boxes.shape[0])
+    return jax.vmap(one_image)(props.boxes, props.count, gt_bboxes, gt_labels, gt_valid, keys)
+
+
+def mask_targets(gt_masks: jax.Array, rois: jax.Array, gt_index: jax.Array, mask_size: int = 28) -> jax.Array:
+    """mmdet's `BitmapMasks.crop_and_resize` of one image: (G, H, W) masks, (K, 4) rois, (K,) index
+    of each roi's ground truth -> (K, M, M) float {0, 1}: RoIAlign (scale 1, aligned) of the mask, >= 0.5."""
+
+    def one(args):
+        roi, g = args
+        m = jax.lax.dynamic_index_in_dim(gt_masks, g, keepdims=False).astype(jnp.float32)[..., None]
+        return roi_align(m, roi[None], mask_size, 1.0)[0, ..., 0]
+
+    return (jax.lax.map(one, (rois, gt_index)) >= 0.5).astype(jnp.float32)
+
+
+def losses_from_outputs(
+    model: MaskRCNN,
+    variables,
+    fpn,
+    rpn_cls_scores,
+    rpn_bbox_preds,
+    gt_bboxes: jax.Array,
+    gt_labels: jax.Array,
+    gt_valid: jax.Array,
+    gt_masks: jax.Array,
+    image_sizes: jax.Array,
+    key: jax.Array,
+) -> dict[str, jax.Array]:
+    """mmdet 2.11's Mask R-CNN training losses from the neck's maps and the RPN's outputs.
+
+    `gt_bboxes` (N, G, 4), `gt_labels` (N, G) int, `gt_valid` (N, G) bool, `gt_masks` (N, G, H, W)
+    bool / {0, 1} at the input's size; `image_sizes` (N, 2) (img_shape = pad_shape here); `key`
+    draws the samples. Returns `loss_rpn_cls`, `loss_rpn_bbox`, `loss_cls` (softmax CE over the
+    sampled RoIs / their count), `loss_bbox` (L1 of the positives' class deltas, stds
+    0.1/0.1/0.2/0.2, / the sampled count), `loss_mask` (BCE of the positives' 28x28 logits at their
+    label, mean), and counts. The proposals carry no gradient (mmdet detaches them).
+    """
+    cfg = model.train_cfg
+    gt_bboxes = jnp.asarray(gt_bboxes, jnp.float32)
+    gt_valid = jnp.asarray(gt_valid, bool)
+    image_sizes = jnp.asarray(image_sizes)
+    key_rpn, key_rcnn = jax.random.split(key)
+    out = rpn_losses(model, rpn_cls_scores, rpn_bbox_preds, gt_bboxes, gt_valid, image_sizes, key_rpn)
+    props = rpn.get_proposals(
+        [jax.lax.stop_gradient(m) for m in rpn_cls_scores],
+        [jax.lax.stop_gradient(m) for m in rpn_bbox_preds],
+        model.anchor_generator,
+        model.rpn_coder,
+        image_sizes,
+        cfg.rpn_proposal,
+    )
+    rois, spos, sneg, labels, gt_index = _sample_rois(model, props, gt_bboxes, gt_labels, gt_valid, key_rcnn)
+    n, s = labels.shape
+    c = model.num_classes
+    cls_score, bbox_pred = roi_heads_on_proposals(model, variables, fpn, rois)  # (N * S, C + 1), (N * S, 4C)
+    sampled = (spos | sneg).reshape(-1)
+    num_sampled = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
+    logp = jax.nn.log_softmax(cls_score, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels.reshape(-1, 1), axis=1)[:, 0]
+    matched = jnp.take_along_axis(gt_bboxes, gt_index[..., None], axis=1)  # (N, S, 4)
+    targets = model.bbox_coder.encode(rois, matched).reshape(-1, 4)
+    pred = jnp.take_along_axis(
+        bbox_pred.reshape(-1, c, 4), jnp.clip(labels.reshape(-1), 0, c - 1)[:, None, None], axis=1
+    )[:, 0]
+    pos = spos.reshape(-1)
+    out["loss_cls"] = jnp.sum(jnp.where(sampled, ce, 0.0)) / num_sampled
+    out["loss_bbox"] = jnp.sum(jnp.where(pos[:, None], jnp.abs(pred - targets), 0.0)) / num_sampled
+    # masks: the positives fill the first int(num * pos_fraction) slots
+    k = cfg.rcnn_sampler.num_expected_pos
+    mrois, mpos, mlabels, mgt = rois[:, :k], spos[:, :k], labels[:, :k], gt_index[:, :k]
+    logits = mask_logits(model, variables, fpn, mrois, mlabels)  # (N, K, 28, 28)
+    targets = jax.vmap(lambda gm, r, g: mask_targets(gm, r, g, cfg.mask_size))(jnp.asarray(gt_masks), mrois, mgt)
+    num_pos = jnp.sum(mpos)
+    bce = jnp.where(mpos[..., None, None], _bce_with_logits(logits, targets), 0.0)
+    out["loss_mask"] = jnp.where(num_pos > 0, jnp.sum(bce) / (jnp.maximum(num_pos, 1) * cfg.mask_size**2), 0.0)
+    out["num_rois"] = num_sampled
+    out["num_pos_rois"] = jnp.sum(pos).astype(jnp.float32)
+    return out
+
+
+def loss(
+    model: MaskRCNN,
+    variables,
+    x: jax.Array,
+    gt_bboxes: jax.Array,
+    gt_labels: jax.Array,
+    gt_valid: jax.Array,
+    gt_masks: jax.Array,
+    key: jax.Array,
+    image_sizes: Optional[jax.Array] = None,
+    train: bool = False,
+    rngs: Optional[dict[str, jax.Array]] = None,
+) -> dict[str, jax.Array]:
+    """The losses of a batch (jit-able; differentiate the sum of the `loss_*` entries). With
+    `train=True` drop path is active (pass `rngs={"drop_path": key}`); BatchNorm stays frozen."""
+    sizes = _input_sizes(x, image_sizes)
+    rpn_cls, rpn_reg, _, fpn = model.apply(variables, x, train=train, rngs=rngs, return_features=True)
+    return losses_from_outputs(
+        model, variables, fpn, rpn_cls, rpn_reg, gt_bboxes, gt_labels, gt_valid, gt_masks, sizes, key
+    )
