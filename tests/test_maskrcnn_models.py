@@ -133,6 +133,19 @@ def test_proposals_against_dynamic_definition(micro):
         assert (np.asarray(dets.labels[i, k:]) == -1).all() and not np.asarray(dets.masks[i, k:]).any()
 
 
+def test_smaller_images_in_a_padded_batch(micro):
+    # image 1 is 40 x 56 within the 64 x 96 batch: its boxes are clipped to it, its masks stay inside it
+    model, variables, x, *_ = micro
+    dets = jax.jit(lambda v, x: maskrcnn.detect(model, v, x, jnp.asarray([[64, 96], [40, 56]])))(variables, x)
+    k = int(dets.count[1])
+    assert k > 0
+    boxes = np.asarray(dets.boxes[1, :k])
+    assert (boxes[:, 0::2] <= 56).all() and (boxes[:, 1::2] <= 40).all() and (boxes >= 0).all()
+    masks = np.asarray(dets.masks[1])
+    assert not masks[:, 40:].any() and not masks[:, :, 56:].any()
+    assert np.asarray(dets.masks[0]).any() and masks.any()
+
+
 def test_front_padding_and_the_y2_zero_switch(micro):
     model = micro[0]
     boxes = jnp.asarray(
