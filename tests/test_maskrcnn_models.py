@@ -67,7 +67,9 @@ def test_variants_and_official_parameter_count():
     } | {"maskrcnn_biformer_micro"}
     assert all(name in models.list_models() for name in MASKRCNN_VARIANTS)
     debi = models.create_model("maskrcnn_debiformer_base", num_classes=3)
-    assert (debi.backbone_config["n_win"], debi.num_classes) == (32, 3)
+    assert (debi.backbone_config["n_win"], debi.backbone_config["drop_path_rate"], debi.num_classes) == (32, 0.3, 3)
+    small = models.create_model("maskrcnn_debiformer_small")
+    assert (small.backbone_config["n_win"], small.backbone_config["drop_path_rate"]) == (16, 0.2)
     with pytest.raises(TypeError, match="unknown argument"):
         models.create_model("maskrcnn_biformer_small", nonsense=1)
 

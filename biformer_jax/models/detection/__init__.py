@@ -79,12 +79,17 @@ DETECTION_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 # Mask R-CNN (`maskrcnn.py`): the configs' backbones as RetinaNet's (the BiFormer Mask R-CNN configs
-# set the same drop path, 0.2 / 0.3), mmdet's default FPN (start_level 0, max-pool P6).
+# set the same drop path, 0.2 / 0.3; DeBiFormer's mask_rcnn_debi_{small,base}_1x.py pass 0.2 / 0.3
+# where its RetinaNet configs pass none), mmdet's default FPN (start_level 0, max-pool P6).
 MASKRCNN_VARIANTS: dict[str, dict[str, Any]] = {
     "maskrcnn_biformer_small": dict(backbone="biformer", backbone_args=_biformer("biformer_small", 0.2)),
     "maskrcnn_biformer_base": dict(backbone="biformer", backbone_args=_biformer("biformer_base", 0.3)),
-    "maskrcnn_debiformer_small": dict(backbone="debiformer", backbone_args=_debiformer("debiformer_small", 16)),
-    "maskrcnn_debiformer_base": dict(backbone="debiformer", backbone_args=_debiformer("debiformer_base", 32)),
+    "maskrcnn_debiformer_small": dict(
+        backbone="debiformer", backbone_args=dict(_debiformer("debiformer_small", 16), drop_path_rate=0.2)
+    ),
+    "maskrcnn_debiformer_base": dict(
+        backbone="debiformer", backbone_args=dict(_debiformer("debiformer_base", 32), drop_path_rate=0.3)
+    ),
     # Test-only micro variant: every code path in seconds at 64x64.
     "maskrcnn_biformer_micro": dict(
         backbone="biformer",
