@@ -1,4 +1,5 @@
-"""Object detection: RetinaNet on BiFormer / DeBiFormer, as in the official COCO configs.
+"""Object detection: RetinaNet and Mask R-CNN (`maskrcnn.py`) on BiFormer / DeBiFormer, as in the
+official COCO configs.
 
     model = models.create_model("retinanet_biformer_small")  # 80 classes
     cls_scores, bbox_preds = model.apply(variables, x_nhwc, train=False)
