@@ -95,6 +95,7 @@ CASES: dict[str, tuple[str, dict]] = {
     "sfpn_debiformer_small": ("sfpn_debiformer_small", {}),
     # Detection cases (golden/README.md "Detection cases"): the official COCO configs' models.
     "retinanet_biformer_small": ("retinanet_biformer_small", {}),
+    "maskrcnn_biformer_small": ("maskrcnn_biformer_small", {}),
 }
 
 

@@ -1,4 +1,5 @@
-"""Object detection: RetinaNet on BiFormer / DeBiFormer, as in the official COCO configs.
+"""Object detection: RetinaNet and Mask R-CNN (`maskrcnn.py`) on BiFormer / DeBiFormer, as in the
+official COCO configs.
 
     model = models.create_model("retinanet_biformer_small")  # 80 classes
     cls_scores, bbox_preds = model.apply(variables, x_nhwc, train=False)
@@ -21,8 +22,9 @@ from typing import Any
 
 from biformer_jax.models.biformer import BIFORMER_VARIANTS
 from biformer_jax.models.debiformer import DEBIFORMER_VARIANTS
-from biformer_jax.models.detection import anchor_head, retinanet
+from biformer_jax.models.detection import anchor_head, maskrcnn, retinanet
 from biformer_jax.models.detection.fpn import DetFPN
+from biformer_jax.models.detection.maskrcnn import MaskRCNN
 from biformer_jax.models.detection.retina_head import RetinaHead
 from biformer_jax.models.detection.retinanet import RetinaNet
 from biformer_jax.models.segmentation.backbone import build_dense_model
@@ -77,17 +79,50 @@ DETECTION_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_detection_model(name: str, **overrides: Any) -> RetinaNet:
+# Mask R-CNN (`maskrcnn.py`): the configs' backbones as RetinaNet's (the BiFormer Mask R-CNN configs
+# set the same drop path, 0.2 / 0.3; DeBiFormer's mask_rcnn_debi_{small,base}_1x.py pass 0.2 / 0.3
+# where its RetinaNet configs pass none), mmdet's default FPN (start_level 0, max-pool P6).
+MASKRCNN_VARIANTS: dict[str, dict[str, Any]] = {
+    "maskrcnn_biformer_small": dict(backbone="biformer", backbone_args=_biformer("biformer_small", 0.2)),
+    "maskrcnn_biformer_base": dict(backbone="biformer", backbone_args=_biformer("biformer_base", 0.3)),
+    "maskrcnn_debiformer_small": dict(
+        backbone="debiformer", backbone_args=dict(_debiformer("debiformer_small", 16), drop_path_rate=0.2)
+    ),
+    "maskrcnn_debiformer_base": dict(
+        backbone="debiformer", backbone_args=dict(_debiformer("debiformer_base", 32), drop_path_rate=0.3)
+    ),
+    # Test-only micro variant: every code path in seconds at 64x64.
+    "maskrcnn_biformer_micro": dict(
+        backbone="biformer",
+        backbone_args=dict(BIFORMER_VARIANTS["biformer_micro"], auto_pad=True),
+        neck_channels=16,
+        rpn_feat_channels=16,
+        fc_channels=32,
+        mask_convs=1,
+        mask_channels=16,
+        num_classes=5,
+        rpn_test_cfg=maskrcnn.rpn.RPNTestConfig(nms_pre=200, max_per_img=64),
+        test_cfg=maskrcnn.RCNNTestConfig(score_thr=0.0, max_per_img=10),
+    ),
+}
+DETECTION_VARIANTS.update(MASKRCNN_VARIANTS)
+
+
+def build_detection_model(name: str, **overrides: Any) -> RetinaNet | MaskRCNN:
     """`create_model` for the names of DETECTION_VARIANTS (overrides routed as the module says)."""
-    return build_dense_model("detection", name, DETECTION_VARIANTS, RetinaNet, overrides)
+    cls = MaskRCNN if name in MASKRCNN_VARIANTS else RetinaNet
+    return build_dense_model("detection", name, DETECTION_VARIANTS, cls, overrides)
 
 
 __all__ = [
     "DETECTION_VARIANTS",
+    "MASKRCNN_VARIANTS",
     "DetFPN",
+    "MaskRCNN",
     "RetinaHead",
     "RetinaNet",
     "anchor_head",
     "build_detection_model",
+    "maskrcnn",
     "retinanet",
 ]
