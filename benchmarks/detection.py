@@ -5,7 +5,7 @@
     python benchmarks/detection.py --mode=infer --model=retinanet_biformer_small --batch=1 \
         --height=800 --width=1344 --warmup=1 --rounds=2 --steps=1 --official_repo=/tmp/official_biformer
     python benchmarks/detection.py --mode=train --model=retinanet_biformer_small --batch=1 \
-        --height=800 --width=1344 --warmup=1 --rounds=2 --steps=1 --official_repo=/tmp/official_biformer
+        --height=800 --width=1344 --warmup=1 --rounds=1 --steps=1 --official_repo=/tmp/official_biformer
 
 `--mode=train` (default): the detection task's train step (tasks/detection/steps.py) on random
 images and a few random boxes per image at (--height, --width) (a bucket shape of the pipeline:
