@@ -54,7 +54,7 @@ def load_checkpoint(path: str, *, expect_model: str | None = None, ema: bool = F
     if tasks.for_record(record).name == "detection":
         return _detector_backbone(ref, path, name, record, ema)
     tasks.require(
-        record, "classification", where=str(path), instead="visualize a classifier's or a detector's checkpoint"
+        record, "classification", where=str(path), instead="visualize a classifier's checkpoint (or a detector's)"
     )
     if expect_model is not None and name != expect_model:
         raise ValueError(
