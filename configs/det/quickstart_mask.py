@@ -12,7 +12,10 @@ shape, then evaluates COCO box and mask AP on the held-out images.
 
 Changed from the COCO recipe to fit a few CPU minutes (the loss semantics are the official ones):
 float32 (bf16 matmuls are slow on CPUs), a larger learning rate and a short warmup for a model
-trained from scratch, fewer epochs. Figures: README "Mask R-CNN".
+trained from scratch, 10 epochs of 8-image batches (320 steps; batches of 16 for 128 steps took
+9 min and reached 0.125 box / 0.149 mask AP), one evaluation at the end. Measured (2 shared CPU
+cores, under load): 4 min 58 s train + eval, held-out box AP 0.282, mask AP 0.297 (short of 0.5).
+Figures: README "Mask R-CNN".
 """
 
 from configs.det import common, mask_common
@@ -29,13 +32,13 @@ def get_config(arg=None):
     config.data.threads = 2
 
     config.compute_dtype = "float32"  # bf16 matmuls are slow on CPUs
-    config.global_batch_size = 16
-    config.num_epochs = 8  # 128 steps
-    config.optim.lr_steps = (6,)  # the 1x schedule's shape, shortened: x0.1 for the last 2 epochs
+    config.global_batch_size = 8  # more, smaller steps in the same time: 320 steps of 8 beat 128 of 16
+    config.num_epochs = 10  # 320 steps
+    config.optim.lr_steps = (8,)  # the 1x schedule's shape, shortened: x0.1 for the last 2 epochs
     config.optim.lr = 2e-3
     config.optim.warmup_iters = 10
-    config.log_every_steps = 16
-    config.eval_every_steps = 64  # every 4 epochs
+    config.log_every_steps = 32
+    config.eval_every_steps = 320  # once, at the end (an eval costs ~20 s here)
     config.eval.batch_size = 8
-    config.checkpoint.every_steps = 64
+    config.checkpoint.every_steps = 320
     return common.finish(config, arg)
