@@ -32,6 +32,8 @@ FLAGS = {
     "num_epochs": 1,  # 2 steps
     "optim.warmup_iters": 2,
     "log_every_steps": 1,
+    "eval_every_steps": 2,
+    "checkpoint.every_steps": 2,
     "eval.batch_size": 4,
 }
 
