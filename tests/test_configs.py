@@ -24,7 +24,16 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 # Every experiment config file (a new one is checked without being listed here).
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
 SEG_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "seg").glob("*.py") if p.stem not in ("__init__", "common"))
-DET_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "det").glob("*.py") if p.stem not in ("__init__", "common"))
+DET_CONFIGS = sorted(
+    p.stem for p in (ROOT / "configs" / "det").glob("*.py") if p.stem not in ("__init__", "common", "mask_common")
+)
+# Mask R-CNN releases: (lr, global batch, warmup iterations, images per loss group); all AdamW wd 0.05, 12 epochs.
+MASK_RECIPES = {
+    "maskrcnn_biformer_s": (1e-4, 16, 500, 2),
+    "maskrcnn_biformer_b": (1e-4, 16, 500, 2),
+    "maskrcnn_debiformer_s": (5e-5, 8, 1500, 1),
+    "maskrcnn_debiformer_b": (2.5e-5, 16, 5000, 2),
+}
 SWEEPS = sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.py"))
 # Official recipes: (model, drop_path_rate, global batch, base lr per 512 images, warmup epochs, weight decay, EMA).
 RECIPES = {
@@ -63,9 +72,10 @@ def test_config_loads_and_builds_its_model(name, arg):
 def test_every_config_file_under_configs_is_checked():
     files = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.py")}
     files -= {"__init__.py", "common.py", "seg/__init__.py", "seg/common.py", "det/__init__.py", "det/common.py"}
+    files -= {"det/mask_common.py"}
     checked = {f"{n}.py" for n in CONFIGS} | {f"seg/{n}.py" for n in SEG_CONFIGS} | {f"sweeps/{n}" for n in SWEEPS}
     checked |= {f"det/{n}.py" for n in DET_CONFIGS}
-    assert files == checked and len(SEG_CONFIGS) == 9 and len(DET_CONFIGS) == 5 and SWEEPS
+    assert files == checked and len(SEG_CONFIGS) == 9 and len(DET_CONFIGS) == 10 and SWEEPS
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal"])
@@ -97,7 +107,22 @@ def test_detection_config_loads_and_builds_its_model(name, arg):
         assert config.data.root == ""  # set on the command line: --config.data.root=...
     assert config.model in models.list_models(), f"configs/det/{name}.py: model {config.model!r} is not registered"
     assert config.optim.lr > 0 and config.optim.schedule == "step" and config.checkpoint.best_metric == "eval/bbox_mAP"
-    if arg == "runlocal" or name == "quickstart":
+    if arg == "runlocal" or name.startswith("quickstart"):
+        return
+    if name in MASK_RECIPES:
+        lr, batch, warmup, group = MASK_RECIPES[name]
+        assert (config.optim.lr, config.optim.weight_decay, config.num_epochs) == (lr, 0.05, 12)
+        assert (config.global_batch_size, tuple(config.optim.lr_steps), config.optim.warmup_iters) == (
+            batch,
+            (8, 11),
+            warmup,
+        )
+        assert config.loss_group_size == group and {"norm", "relative_position_bias_table"} <= set(
+            config.optim.no_decay_keys
+        )
+        model = from_config.model_from_config(config, 80)
+        variables = from_config.abstract_variables(model, (256, 320))
+        assert variables["params"]["roi_head"]["bbox_head"]["fc_cls"]["kernel"].shape[-1] == 81
         return
     # the official recipe: AdamW 1e-4, weight decay 1e-4, 12 epochs at batch 16, x0.1 after 8 and 11
     assert (config.optim.lr, config.optim.weight_decay, config.num_epochs) == (1e-4, 1e-4, 12)

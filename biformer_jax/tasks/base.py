@@ -9,7 +9,8 @@ stateless object; `biformer_jax.tasks.get(config)` returns the one `config.task`
 Batches are dicts of arrays with the global batch first (the trainer shards every key over
 the mesh): classification {"image" (B, S, S, 3), "label" (B,)}; segmentation {"image" (B, h, w,
 3), "label" (B, h, w)}; detection {"image" (B, h, w, 3)} plus padded {"gt_bboxes" (B, M, 4),
-"gt_labels" (B, M), "gt_valid" (B, M), "pad_shape" (B, 2)}. The evaluation returns scalars keyed by name
+"gt_labels" (B, M), "gt_valid" (B, M), "pad_shape" (B, 2)} (Mask R-CNN also "gt_masks" (B, M, h, w / 8)
+bit-packed). The evaluation returns scalars keyed by name
 ("top1", "mIoU", "bbox_mAP", ...): config.checkpoint.best_metric names one of them, prefixed
 "eval/" or "eval_ema/".
 """

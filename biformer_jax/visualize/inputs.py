@@ -41,6 +41,7 @@ class Loaded:
 def load_checkpoint(path: str, *, expect_model: str | None = None, ema: bool = False) -> Loaded:
     """The model a checkpoint records, with its weights; clear errors for anything else.
 
+    A detection checkpoint gives its backbone (`_detector_backbone`): what `routes` reads.
     `expect_model`: the create_model name the caller expects; a checkpoint of another model is
     refused with both names. Arrays that do not fit the recorded model raise
     `checkpoint.CheckpointMismatchError` listing them.
@@ -50,7 +51,11 @@ def load_checkpoint(path: str, *, expect_model: str | None = None, ema: bool = F
     name = record.get("model")
     if name not in models.list_models():
         raise ValueError(f"{path} records model {name!r}, which this project does not define.")
-    tasks.require(record, "classification", where=str(path), instead="visualize a classifier's checkpoint")
+    if tasks.for_record(record).name == "detection":
+        return _detector_backbone(ref, path, name, record, ema)
+    tasks.require(
+        record, "classification", where=str(path), instead="visualize a classifier's checkpoint (or a detector's)"
+    )
     if expect_model is not None and name != expect_model:
         raise ValueError(
             f"{path} is a checkpoint of {name!r}, not of {expect_model!r}; drop --model (the checkpoint "
@@ -60,6 +65,21 @@ def load_checkpoint(path: str, *, expect_model: str | None = None, ema: bool = F
     loaded = loader.load(ref, input_size=64, model=model, ema="only" if ema else "no")
     step = f" step {ref.step}" if ref.step is not None else ""
     return Loaded(loaded.model, loaded.variables, name, f"{os.path.basename(os.path.normpath(path))}{step} ({name})")
+
+
+def _detector_backbone(ref, path: str, name: str, record: dict[str, Any], ema: bool) -> Loaded:
+    """A detection checkpoint's backbone (RetinaNet's or Mask R-CNN's) with its weights: the routed
+    attention the detector runs, as a module of its own (auto_pad on, blocks unrolled)."""
+    from biformer_jax.models.segmentation.backbone import BACKBONES  # noqa: PLC0415  (detectors only)
+
+    detector = models.create_model(name, **record.get("model_kwargs", {}))
+    loaded = loader.load(ref, input_size=64, model=detector, ema="only" if ema else "no")
+    kwargs = {k: v for k, v in detector.backbone_config.items() if k not in ("drop_path_rate", "drop_rate")}
+    backbone = BACKBONES[detector.backbone](**{**kwargs, "auto_pad": True, "scan_blocks": False})
+    variables = {c: loaded.variables[c]["backbone"] for c in ("params", "batch_stats") if c in loaded.variables}
+    step = f" step {ref.step}" if ref.step is not None else ""
+    label = f"{os.path.basename(os.path.normpath(path))}{step} ({name} backbone)"
+    return Loaded(backbone, variables, name, label)
 
 
 def build_model(name: str, kwargs: dict[str, Any] | None = None) -> Any:

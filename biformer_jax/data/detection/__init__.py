@@ -18,15 +18,24 @@ from biformer_jax.data.detection.coco import (
     load_image,
     read_coco,
 )
-from biformer_jax.data.detection.evaluation import METRIC_NAMES, coco_box_ap, to_coco_results, write_results
+from biformer_jax.data.detection.evaluation import (
+    METRIC_NAMES,
+    SEGM_METRIC_NAMES,
+    coco_box_ap,
+    coco_mask_ap,
+    to_coco_results,
+    write_results,
+)
 from biformer_jax.data.detection.pipeline import det_eval_iterator, det_train_iterator
 
 __all__ = [
     "METRIC_NAMES",
+    "SEGM_METRIC_NAMES",
     "CocoDetection",
     "CocoFormatError",
     "CocoImage",
     "coco_box_ap",
+    "coco_mask_ap",
     "coco_paths",
     "det_eval_iterator",
     "det_train_iterator",

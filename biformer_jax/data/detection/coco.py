@@ -8,9 +8,15 @@ labels are the category's index among the sorted category ids (COCO's 80 of ids 
 Training, as mmdet's `_filter_imgs` (`filter_empty_gt=True`, `min_size=32`): images without any
 annotation (crowd included) or smaller than 32 pixels on a side are skipped.
 
-Bad input: a missing annotation file, an image the json names that the folder lacks, or a box
-lying outside its image (beyond a rounding slack) raises `CocoFormatError` naming the file and
-what to do; with `on_bad_box="skip"` such boxes are dropped and logged instead. `load_image`
+With `with_mask=True` (Mask R-CNN) each kept box also keeps its annotation's "segmentation"
+(polygons or RLE, decoded per batch: masks.py), as mmdet's `gt_masks_ann`; crowd regions stay
+ignore boxes without a mask, as in mmdet.
+
+Bad input: a missing annotation file, an image the json names that the folder lacks, a box
+lying outside its image (beyond a rounding slack) or, with masks, an unusable segmentation (a
+polygon of fewer than 3 points, an empty mask, an RLE of another size: masks.segmentation_problem)
+raises `CocoFormatError` naming the file, the annotation id and what to do; with
+`on_bad_box="skip"` such annotations are dropped and logged instead. `load_image`
 names the file of an image that cannot be decoded.
 """
 
@@ -25,6 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from biformer_jax.data.detection import masks
+
 BAD_BOX_CHOICES = ("error", "skip")
 _SLACK = 1.0  # pixels a box may overhang its image (annotation tools round outwards)
 
@@ -35,7 +43,8 @@ class CocoFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CocoImage:
-    """One image: `boxes` (k, 4) float32 xyxy, `labels` (k,) int32 in [0, C), `ignore` (j, 4) crowd boxes."""
+    """One image: `boxes` (k, 4) float32 xyxy, `labels` (k,) int32 in [0, C), `ignore` (j, 4) crowd boxes,
+    `segmentations` the k boxes' COCO segmentations (read with with_mask=True; else empty)."""
 
     image_id: int
     path: str
@@ -44,6 +53,7 @@ class CocoImage:
     boxes: np.ndarray
     labels: np.ndarray
     ignore: np.ndarray
+    segmentations: tuple = ()
 
 
 @dataclasses.dataclass
@@ -77,6 +87,7 @@ def read_coco(
     min_size: int = 32,
     on_bad_box: str = "error",
     check_files: bool = True,
+    with_mask: bool = False,
 ) -> CocoDetection:
     """Parses a COCO instances json into `CocoDetection` (see the module for the rules)."""
     from pycocotools.coco import COCO
@@ -110,16 +121,15 @@ def read_coco(
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
         if train and (not anns or min(info["width"], info["height"]) < min_size):
             continue
-        boxes, labels, ignore = _parse(anns, info, cat2label, annotation_file, on_bad_box)
-        images.append(
-            CocoImage(image_id, os.path.join(image_dir, name), info["height"], info["width"], boxes, labels, ignore)
-        )
+        boxes, labels, ignore, segs = _parse(anns, info, cat2label, annotation_file, on_bad_box, with_mask)
+        path = os.path.join(image_dir, name)
+        images.append(CocoImage(image_id, path, info["height"], info["width"], boxes, labels, ignore, segs))
     return CocoDetection(annotation_file, image_dir, coco, cat_ids, images)
 
 
-def _parse(anns: Sequence[dict], info: dict, cat2label: dict, annotation_file: str, on_bad_box: str):
+def _parse(anns: Sequence[dict], info: dict, cat2label: dict, annotation_file: str, on_bad_box: str, with_mask: bool):
     width, height = info["width"], info["height"]
-    boxes, labels, ignore = [], [], []
+    boxes, labels, ignore, segs = [], [], [], []
     for ann in anns:
         if ann.get("ignore", False):
             continue
@@ -140,11 +150,20 @@ def _parse(anns: Sequence[dict], info: dict, cat2label: dict, annotation_file: s
         box = [x1, y1, x1 + w, y1 + h]
         if ann.get("iscrowd", False):
             ignore.append(box)
-        else:
-            boxes.append(box)
-            labels.append(cat2label[ann["category_id"]])
+            continue
+        if with_mask:
+            problem = masks.segmentation_problem(ann.get("segmentation"), height, width)
+            if problem is not None:
+                where = f"annotation {ann.get('id')} of image {info['file_name']} in {annotation_file}"
+                if on_bad_box == "error":
+                    raise CocoFormatError(f"{where} {problem} (pass on_bad_box='skip' to drop such annotations).")
+                logging.warning("%s %s: skipped.", where, problem)
+                continue
+            segs.append(ann["segmentation"])
+        boxes.append(box)
+        labels.append(cat2label[ann["category_id"]])
     as_boxes = lambda b: np.asarray(b, np.float32).reshape(-1, 4)  # noqa: E731
-    return as_boxes(boxes), np.asarray(labels, np.int32), as_boxes(ignore)
+    return as_boxes(boxes), np.asarray(labels, np.int32), as_boxes(ignore), tuple(segs)
 
 
 def load_image(path: str) -> np.ndarray:

@@ -21,7 +21,10 @@ so `retinanet.detect(..., image_sizes=img_shape, scale_factors=scale_factor)` re
 original image's pixels.
 
 Ground truth is padded to `max_boxes` rows (`gt_valid` marks the real ones) and crowd boxes to
-`max_ignore` (`gt_ignore_valid`); an image with more is refused when the pipeline is built,
+`max_ignore` (`gt_ignore_valid`); with `with_mask` (Mask R-CNN, train batches) every box's mask
+comes too, decoded from its segmentation, resized and flipped with the image, zero-padded to the
+bucket and bit-packed along the width: "gt_masks" (B, max_boxes, bucket_h, bucket_w / 8) uint8
+(masks.unpack gives (..., bucket_w) bool); an image with more is refused when the pipeline is built,
 naming the image and the setting to raise. Bad files surface from coco.read_coco / load_image
 with the file's name.
 """
@@ -34,6 +37,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from biformer_jax.data.detection import masks
 from biformer_jax.data.detection import transforms as T
 from biformer_jax.data.detection.coco import CocoDetection, load_image
 from biformer_jax.data.pipeline import _MAX_STEPS, _host_rows, _run, example_rng
@@ -100,7 +104,9 @@ class BucketSampler:
         return int(buckets[k]), rows[k]
 
 
-def _collate(examples: list, bucket_hw, max_boxes: int, max_ignore: int, ds: CocoDetection, indices) -> dict:
+def _collate(
+    examples: list, bucket_hw, max_boxes: int, max_ignore: int, ds: CocoDetection, indices, with_mask: bool = False
+) -> dict:
     """Pads each transformed example into one batch of the bucket's shape (rows with index -1 stay empty)."""
     b, (h, w) = len(indices), bucket_hw
     out = dict(
@@ -118,6 +124,8 @@ def _collate(examples: list, bucket_hw, max_boxes: int, max_ignore: int, ds: Coc
         image_id=np.full((b,), -1, np.int64),
         valid=np.zeros((b,), bool),
     )
+    if with_mask:
+        out["gt_masks"] = np.zeros((b, max_boxes, h, w // 8), np.uint8)
     for row, (index, ex) in enumerate(zip(indices, examples)):
         if ex is None:
             continue
@@ -127,6 +135,10 @@ def _collate(examples: list, bucket_hw, max_boxes: int, max_ignore: int, ds: Coc
         out["gt_bboxes"][row, :k], out["gt_valid"][row, :k] = ex["boxes"], True
         out["gt_labels"][row, :k] = ds.images[index].labels
         out["gt_bboxes_ignore"][row, :j], out["gt_ignore_valid"][row, :j] = ex["ignore"], True
+        if with_mask:
+            padded = np.zeros((k, h, w), np.uint8)
+            padded[:, :ih, :iw] = ex["masks"]  # BitmapMasks.pad: zeros on the bottom and right
+            out["gt_masks"][row, :k] = masks.pack(padded)
         for key in ("img_shape", "pad_shape", "ori_shape", "scale_factor", "flip"):
             out[key][row] = ex[key]
         out["image_id"][row], out["valid"][row] = ds.images[index].image_id, True
@@ -136,9 +148,10 @@ def _collate(examples: list, bucket_hw, max_boxes: int, max_ignore: int, ds: Coc
 class DetTrainBatch:
     """Step -> this host's rows of the global batch (keys as in `_collate`; image (b, bucket_h, bucket_w, 3))."""
 
-    def __init__(self, ds, sampler, buckets, seed, rows: range, max_boxes, max_ignore, scale, flip_ratio):
+    def __init__(self, ds, sampler, buckets, seed, rows: range, max_boxes, max_ignore, scale, flip_ratio, with_mask):
         self.ds, self.sampler, self.buckets, self.seed, self.rows = ds, sampler, buckets, seed, rows
         self.max_boxes, self.max_ignore, self.scale, self.flip_ratio = max_boxes, max_ignore, scale, flip_ratio
+        self.with_mask = with_mask
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         step = int(step)
@@ -148,8 +161,19 @@ class DetTrainBatch:
         for row, index in zip(self.rows, indices):
             im = self.ds.images[int(index)]
             flip = example_rng(self.seed, step, row).random() < self.flip_ratio
-            examples.append(T.transform(load_image(im.path), im.boxes, im.ignore, flip, self.scale))
-        return _collate(examples, self.buckets[bucket], self.max_boxes, self.max_ignore, self.ds, indices)
+            gt_masks = image_masks(im) if self.with_mask else None
+            examples.append(T.transform(load_image(im.path), im.boxes, im.ignore, flip, self.scale, gt_masks=gt_masks))
+        args = (self.max_boxes, self.max_ignore, self.ds, indices, self.with_mask)
+        return _collate(examples, self.buckets[bucket], *args)
+
+
+def image_masks(im) -> np.ndarray:
+    """(k, H, W) uint8 masks of an image's k boxes (read with with_mask=True), at its json size."""
+    if len(im.segmentations) != len(im.boxes):
+        raise ValueError(
+            f"image {im.path} (id {im.image_id}) was read without masks: read the dataset with with_mask=True."
+        )
+    return masks.decode_all(im.segmentations, im.height, im.width)
 
 
 def _loader_cfg(threads: int, prefetch: int, workers: int) -> ml_collections.ConfigDict:
@@ -172,17 +196,19 @@ def det_train_iterator(
     threads: int = 4,
     prefetch: int = 2,
     workers: int = 0,
+    with_mask: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator over this host's train batches; the k-th is global step start_step + k.
 
-    `ds` is read with `read_coco(..., train=True)` (images without boxes skipped, as mmdet does).
+    `ds` is read with `read_coco(..., train=True)` (images without boxes skipped, as mmdet does;
+    with_mask=True there too for "gt_masks").
     """
     if start_step < 0 or seed < 0:
         raise ValueError(f"seed and start_step must be >= 0, got seed={seed}, start_step={start_step}.")
     rows = _host_rows(global_batch_size, process_index, process_count)
     check_counts(ds, max_boxes, max_ignore)
     sampler = BucketSampler(assign_buckets(ds, buckets, scale), global_batch_size, seed)
-    make = DetTrainBatch(ds, sampler, tuple(buckets), seed, rows, max_boxes, max_ignore, scale, flip_ratio)
+    make = DetTrainBatch(ds, sampler, tuple(buckets), seed, rows, max_boxes, max_ignore, scale, flip_ratio, with_mask)
     return _run(grain.MapDataset.range(start_step, _MAX_STEPS).map(make), _loader_cfg(threads, prefetch, workers))
 
 

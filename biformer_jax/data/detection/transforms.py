@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from biformer_jax.data.detection import masks
 from biformer_jax.data.segmentation.transforms import rescale_size, resize_bilinear
 
 IMG_SCALE = (1333, 800)
@@ -88,12 +89,20 @@ def normalize(img: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
 
 
 def transform(
-    img: np.ndarray, boxes: np.ndarray, ignore: np.ndarray, flip: bool, scale=IMG_SCALE, divisor=SIZE_DIVISOR
+    img: np.ndarray,
+    boxes: np.ndarray,
+    ignore: np.ndarray,
+    flip: bool,
+    scale=IMG_SCALE,
+    divisor=SIZE_DIVISOR,
+    gt_masks: np.ndarray | None = None,
 ) -> dict:
     """Resize -> (flip) -> normalise one image; returns the float32 (h, w, 3) image, its boxes and metas.
 
     Keys: image, boxes (k, 4), ignore (j, 4), img_shape (h, w), pad_shape (h, w) rounded up to
-    `divisor`, ori_shape (H, W), scale_factor (4,), flip. Padding to the batch shape is the caller's.
+    `divisor`, ori_shape (H, W), scale_factor (4,), flip; with `gt_masks` (k, H, W) also "masks"
+    (k, h, w) uint8, resized and flipped with the image (masks.py). Padding to the batch shape is
+    the caller's.
     """
     height, width = img.shape[:2]
     size = resized_size(height, width, scale)
@@ -103,6 +112,10 @@ def transform(
     if flip:
         image = image[:, ::-1]
         boxes, ignore = flip_boxes(boxes, size[1]), flip_boxes(ignore, size[1])
+    extra = {}
+    if gt_masks is not None:
+        resized = masks.rescale(gt_masks, size)
+        extra["masks"] = masks.flip(resized) if flip else resized
     return dict(
         image=normalize(image),
         boxes=boxes,
@@ -112,4 +125,5 @@ def transform(
         ori_shape=(height, width),
         scale_factor=factor,
         flip=bool(flip),
+        **extra,
     )

@@ -16,6 +16,7 @@ import os
 from biformer_jax.data.detection import coco, synthetic
 from biformer_jax.data.detection import pipeline as det_pipeline
 from biformer_jax.data.sources import DatasetNotPreparedError
+from biformer_jax.tasks.detection import family
 
 DATASETS = ("coco", "synthetic")
 COCO_HELP = (
@@ -73,18 +74,19 @@ def split_paths(data_cfg, split: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _read(annotation_file: str, image_dir: str, train: bool, on_bad_box: str) -> coco.CocoDetection:
-    return coco.read_coco(annotation_file, image_dir, train=train, on_bad_box=on_bad_box)
+def _read(annotation_file: str, image_dir: str, train: bool, on_bad_box: str, with_mask: bool) -> coco.CocoDetection:
+    return coco.read_coco(annotation_file, image_dir, train=train, on_bad_box=on_bad_box, with_mask=with_mask)
 
 
-def read_split(data_cfg, which: str) -> coco.CocoDetection:
-    """The parsed train ('train': images without boxes skipped, as mmdet) or eval split, cached per process.
+def read_split(data_cfg, which: str, with_mask: bool = False) -> coco.CocoDetection:
+    """The parsed train ('train': images without boxes skipped, as mmdet) or eval split, cached per process;
+    `with_mask`: each box's segmentation kept (and checked) for Mask R-CNN's training.
 
     The eval split keeps its first `data.max_eval_examples` images when that is > 0 (its COCO
     ground truth keeps every image; the evaluation names the ones it scores).
     """
     split = data_cfg.train_split if which == "train" else data_cfg.eval_split
-    ds = _read(*split_paths(data_cfg, split), which == "train", data_cfg.on_bad_box)
+    ds = _read(*split_paths(data_cfg, split), which == "train", data_cfg.on_bad_box, bool(with_mask))
     limit = int(data_cfg.get("max_eval_examples", 0))
     if which == "eval" and limit > 0 and len(ds.images) > limit:
         ds = dataclasses.replace(ds, images=ds.images[:limit])
@@ -105,9 +107,10 @@ def pipeline_kwargs(data_cfg) -> dict:
 
 
 def dataset_info(config) -> DetDatasetInfo:
-    """Sizes of the configured dataset (both splits parsed, the train split's buckets assigned)."""
+    """Sizes of the configured dataset (both splits parsed, the train split's buckets assigned; a Mask
+    R-CNN's train split with its segmentations, so a bad one is named before anything compiles)."""
     data_cfg = config.data
-    train, evaluation = read_split(data_cfg, "train"), read_split(data_cfg, "eval")
+    train, evaluation = read_split(data_cfg, "train", family.with_mask(config)), read_split(data_cfg, "eval")
     if not train.images:
         raise DatasetNotPreparedError(f"{train.annotation_file} holds no image with a box to train on.")
     if train.cat_ids != evaluation.cat_ids:

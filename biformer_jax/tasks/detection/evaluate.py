@@ -1,19 +1,21 @@
-"""Detection evaluation: COCO box AP (pycocotools) of RetinaNet's detections on the eval split.
+"""Detection evaluation: COCO box AP (pycocotools) on the eval split; a Mask R-CNN's mask AP too.
 
 Every process detects its rows of each eval batch (det_eval_iterator: mmdet's test pipeline in
 the bucket shapes) with a full copy of the weights on its first local device; the padded
 detections (boxes already divided by each image's scale factor: original image pixels) are
 gathered from every process and scored once with COCOeval, so the result is the single-process
-result whatever the number of processes. One compile per bucket shape.
+result whatever the number of processes. One compile per bucket shape. A Mask R-CNN's 28x28 mask
+probabilities are gathered per batch and pasted at each image's own size on the host
+(family.rle_masks), so its results carry RLE masks and `segm_*` metrics join the `bbox_*` ones.
 
 eval.py (`evaluate_checkpoint`) loads a checkpoint (refusing another architecture), evaluates the
 raw and, when present, the EMA weights, and writes the COCO results JSON (`detections.json`,
-`detections_ema.json`) into the checkpoint's directory, next to eval.py's eval_results.json.
+`detections_ema.json`; with "segmentation" RLEs for a Mask R-CNN) into the checkpoint's
+directory, next to eval.py's eval_results.json.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -27,23 +29,19 @@ from jax.experimental import multihost_utils
 from biformer_jax.data.detection import evaluation as det_evaluation
 from biformer_jax.data.detection import pipeline as det_pipeline
 from biformer_jax.models import from_config
-from biformer_jax.models.detection import retinanet
 from biformer_jax.tasks.detection import data as det_data
+from biformer_jax.tasks.detection import family
 from biformer_jax.tasks.segmentation.evaluate import local_copy
 from biformer_jax.training import loader
 
 DETECTIONS_FILE = "detections.json"
 _FIELDS = ("image_id", "valid", "boxes", "scores", "labels", "count")
+jitted_detect = family.jitted_detect
 
 
-@functools.lru_cache(maxsize=4)
-def jitted_detect(model):
-    """retinanet.detect jitted for `model` (one compile per input shape)."""
-    return jax.jit(functools.partial(retinanet.detect, model))
-
-
-def predict_split(model, variables, config, *, desc: str = "eval") -> dict[str, np.ndarray]:
-    """Padded detections of every eval image, gathered from every process: {image_id, valid, boxes, ...}."""
+def predict_split(model, variables, config, *, desc: str = "eval") -> dict[str, Any]:
+    """Padded detections of every eval image, gathered from every process: {image_id, valid, boxes, ...};
+    a Mask R-CNN's also "segmentations": per row the RLEs of its detections."""
     ds = det_data.read_split(config.data, "eval")
     kw = det_data.pipeline_kwargs(config.data)
     it = det_pipeline.det_eval_iterator(
@@ -54,7 +52,9 @@ def predict_split(model, variables, config, *, desc: str = "eval") -> dict[str, 
         **kw,
     )
     detect, weights = jitted_detect(model), local_copy(variables)
+    with_mask = family.is_mask_model(model)
     parts: dict[str, list] = {k: [] for k in _FIELDS}
+    segmentations: list[list] = []
     t0, seen = time.perf_counter(), 0
     for batch in it:
         dets = detect(weights, batch["image"], batch["img_shape"], batch["scale_factor"])
@@ -66,6 +66,17 @@ def predict_split(model, variables, config, *, desc: str = "eval") -> dict[str, 
             labels=np.asarray(dets.labels, np.int32),
             count=np.asarray(dets.count, np.int32),
         )
+        if with_mask:
+            out["mask_probs"], out["ori_shape"] = np.asarray(dets.mask_probs, np.float32), batch["ori_shape"]
+            if jax.process_count() > 1:  # this batch's rows of every process, for the host-side paste
+                out = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in out.items()}
+            thr = family.mask_threshold(model)
+            for row in range(len(out["valid"])):
+                rles = []
+                if out["valid"][row]:
+                    args = (out["mask_probs"][row], out["boxes"][row], out["count"][row], out["ori_shape"][row])
+                    rles = family.rle_masks(*args, thr)
+                segmentations.append(rles)
         for k in _FIELDS:
             parts[k].append(out[k])
         seen += int(batch["valid"].sum())
@@ -73,28 +84,36 @@ def predict_split(model, variables, config, *, desc: str = "eval") -> dict[str, 
             logging.info("%s: %d images (%.1f img/s)", desc, seen, seen / (time.perf_counter() - t0))
     if not parts["valid"]:
         raise ValueError(f"The eval split {ds.annotation_file} yielded no images.")
-    local = {k: np.concatenate(v) for k, v in parts.items()}
-    if jax.process_count() > 1:
+    local: dict[str, Any] = {k: np.concatenate(v) for k, v in parts.items()}
+    if jax.process_count() > 1 and not with_mask:  # (Mask R-CNN's rows were gathered per batch)
         local = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in local.items()}
+    if with_mask:
+        local["segmentations"] = segmentations
     return local
 
 
-def coco_results(preds: dict[str, np.ndarray], cat_ids) -> tuple[list[dict], list[int]]:
-    """(COCO result dicts of the valid rows, their image ids)."""
+def coco_results(preds: dict[str, Any], cat_ids) -> tuple[list[dict], list[int]]:
+    """(COCO result dicts of the valid rows, with "segmentation" where preds has masks; their image ids)."""
     keep = preds["valid"].astype(bool)
     ids = [int(i) for i in preds["image_id"][keep]]
+    segs = preds.get("segmentations")
+    if segs is not None:
+        segs = [s for s, k in zip(segs, keep) if k]
     results = det_evaluation.to_coco_results(
-        ids, preds["boxes"][keep], preds["scores"][keep], preds["labels"][keep], preds["count"][keep], cat_ids
+        ids, preds["boxes"][keep], preds["scores"][keep], preds["labels"][keep], preds["count"][keep], cat_ids, segs
     )
     return results, ids
 
 
 def evaluate(model, variables, config, *, desc: str = "eval") -> tuple[dict[str, float], list[dict]]:
-    """({"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"}, COCO results)."""
+    """({"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"}, and a Mask
+    R-CNN's "segm_mAP", ... likewise; the COCO results)."""
     ds = det_data.read_split(config.data, "eval")
     results, ids = coco_results(predict_split(model, variables, config, desc=desc), ds.cat_ids)
-    # copies: pycocotools' loadRes adds "area", "id", "iscrowd" to the dicts it is given
-    metrics = det_evaluation.coco_box_ap(ds.coco, [dict(r) for r in results], image_ids=sorted(set(ids)))
+    image_ids = sorted(set(ids))
+    metrics = det_evaluation.coco_box_ap(ds.coco, results, image_ids=image_ids)
+    if family.is_mask_model(model):
+        metrics.update(det_evaluation.coco_mask_ap(ds.coco, results, image_ids=image_ids))
     return metrics, results
 
 

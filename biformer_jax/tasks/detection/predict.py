@@ -3,11 +3,13 @@
     python predict.py --checkpoint=workdirs/det_quickstart [--score_thr=0.3] [--draw=drawn/] IMAGES...
 
 Each image goes through mmdet's test pipeline at the scale the checkpoint records (Resize keep
-ratio, Normalize, Pad 32; no config needed) and `retinanet.detect`; boxes come back in the
-image's own pixels. One JSON object per image: {"path", "detections": [{"box": [x1, y1, x2, y2],
-"score", "label", "class"}, ...]} (score >= --score_thr, best first). With --draw=DIR each image
-is also written as DIR/<name>_det.png with its boxes outlined in a colour per class and labelled
-"<class> <score>". An image that cannot be read is reported with "error" and skipped.
+ratio, Normalize, Pad 32; no config needed) and the model family's detection (family.detect);
+boxes come back in the image's own pixels. One JSON object per image: {"path", "detections":
+[{"box": [x1, y1, x2, y2], "score", "label", "class"}, ...]} (score >= --score_thr, best first); a
+Mask R-CNN's detections also hold "mask", a COCO RLE ({"size": [h, w], "counts": str}) at the
+image's size. With --draw=DIR each image is also written as DIR/<name>_det.png with its boxes
+outlined in a colour per class and labelled "<class> <score>", masks filled half-transparent in
+the same colour. An image that cannot be read is reported with "error" and skipped.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from biformer_jax import storage
+from biformer_jax.data.detection import masks as mask_ops
 from biformer_jax.data.detection import transforms as T
 from biformer_jax.data.detection.coco import CocoFormatError, load_image
-from biformer_jax.tasks.detection.evaluate import jitted_detect
+from biformer_jax.tasks.detection import family
+from biformer_jax.tasks.detection.family import jitted_detect
 from biformer_jax.training import checkpoint, loader
 
 
@@ -56,16 +60,24 @@ def detect_image(det: LoadedDetector, image: np.ndarray) -> list[dict[str, Any]]
     h, w = ex["img_shape"]
     x[0, :h, :w] = ex["image"]
     out = jitted_detect(det.model)(det.variables, x, np.int32([[h, w]]), ex["scale_factor"][None])
-    boxes, scores, labels, count = (np.asarray(a)[0] for a in out)
-    return [
+    boxes, scores, labels = (np.asarray(a)[0] for a in (out.boxes, out.scores, out.labels))
+    count = int(np.asarray(out.count)[0])
+    found = [
         {
             "box": [round(float(v), 2) for v in boxes[k]],
             "score": round(float(scores[k]), 4),
             "label": int(labels[k]),
             "class": det.class_names[int(labels[k])],
         }
-        for k in range(int(count))
+        for k in range(count)
     ]
+    if out.mask_probs is not None:
+        rles = family.rle_masks(
+            np.asarray(out.mask_probs)[0], boxes, count, image.shape[:2], family.mask_threshold(det.model)
+        )
+        for d, rle in zip(found, rles):
+            d["mask"] = rle
+    return found
 
 
 def colour(label: int) -> tuple[int, int, int]:
@@ -77,8 +89,14 @@ def colour(label: int) -> tuple[int, int, int]:
 
 
 def draw(image: np.ndarray, detections: Sequence[dict[str, Any]]) -> Image.Image:
-    """The image with each detection's box outlined and labelled "<class> <score>"."""
-    canvas = Image.fromarray(image).convert("RGB")
+    """The image with each detection's mask (if any) blended at half opacity in its class's colour,
+    then its box outlined and labelled "<class> <score>"."""
+    pixels = image[..., :3].astype(np.float32).copy()
+    for d in detections:
+        if "mask" in d:
+            m = mask_ops.decode(d["mask"], *image.shape[:2]).astype(bool)
+            pixels[m] = 0.5 * pixels[m] + 0.5 * np.float32(colour(d["label"]))
+    canvas = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(min(canvas.size) / 200))
     for d in detections:

@@ -1,4 +1,7 @@
-"""Object detection (`config.task = "detection"`): RetinaNet with mmdet 2.11's COCO recipe.
+"""Object detection (`config.task = "detection"`): RetinaNet and Mask R-CNN with mmdet 2.11's COCO recipes.
+
+The model family (family.py) picks the loss (steps.py), whether the data carries instance masks,
+and the evaluation (box AP; Mask R-CNN also mask AP, `segm`); everything else is shared.
 
 Epoch-based: config.num_epochs over the train split in bucket-grouped batches (mmdet's
 GroupSampler; data/detection/pipeline.py), mmdet's step schedule with iteration warmup and AdamW
@@ -20,16 +23,23 @@ from absl import logging
 
 from biformer_jax.data.detection import pipeline as det_pipeline
 from biformer_jax.models import from_config
-from biformer_jax.models.detection import DETECTION_VARIANTS, retinanet
+from biformer_jax.models.detection import DETECTION_VARIANTS, maskrcnn, retinanet
 from biformer_jax.tasks.base import host_rows
 from biformer_jax.tasks.detection import data as det_data
 from biformer_jax.tasks.detection import evaluate as det_evaluate
+from biformer_jax.tasks.detection import family
 from biformer_jax.tasks.detection import optim as det_optim
 from biformer_jax.tasks.detection import steps as det_steps
 from biformer_jax.tasks.segmentation import init as seg_init
 from biformer_jax.training import checkpoint, restore
 
-CLASS_LAYERS = (("bbox_head", "retina_cls"),)
+# (top module, layer) whose shapes follow the number of classes: RetinaNet's, then Mask R-CNN's
+CLASS_LAYERS = (
+    ("bbox_head", "retina_cls"),
+    ("roi_head", "fc_cls"),
+    ("roi_head", "fc_reg"),
+    ("roi_head", "conv_logits"),
+)
 INIT_HINT = (
     "init_from takes a classifier checkpoint of the same backbone variant (biformer_small for "
     "retinanet_biformer_small) or a detection checkpoint of the same model; check config.model and the "
@@ -64,12 +74,14 @@ def bind_train_step(config, model, tx, schedule):
 
 def train_iterator(config, start_step: int):
     """This host's rows of the train batches, only the keys the step reads."""
-    ds = det_data.read_split(config.data, "train")
+    with_mask = family.with_mask(config)
+    ds = det_data.read_split(config.data, "train", with_mask)
     kw = det_data.pipeline_kwargs(config.data)
     it = det_pipeline.det_train_iterator(
-        ds, **host_rows(config, start_step), flip_ratio=float(config.data.flip_ratio), **kw
+        ds, **host_rows(config, start_step), flip_ratio=float(config.data.flip_ratio), with_mask=with_mask, **kw
     )
-    return ({k: batch[k] for k in det_steps.BATCH_KEYS} for batch in it)
+    keys = det_steps.batch_keys(with_mask)
+    return ({k: batch[k] for k in keys} for batch in it)
 
 
 def check_init_from(config, meta) -> checkpoint.CheckpointRef:
@@ -144,5 +156,8 @@ class DetectionTask:
         return det_evaluate.evaluate_checkpoint(config, checkpoint_path)
 
     def predict_batch(self, model, variables, images):
-        """Detections (boxes (N, 100, 4) in input pixels, scores, labels, count) of preprocessed images."""
+        """Detections (boxes (N, 100, 4) in input pixels, scores, labels, count; Mask R-CNN's with masks
+        (N, 100, H, W) pasted at the input's size) of preprocessed images."""
+        if family.is_mask_model(model):
+            return maskrcnn.detect(model, variables, images)
         return retinanet.detect(model, variables, images)
