@@ -9,7 +9,10 @@ on a small COCO-format dataset generated on first use into a folder under the sy
 temporary directory (biformer_jax/data/detection/synthetic.py: 96x128 images holding 1-3
 squares, discs and triangles of 24-56 px), with the official pipeline at that size (Resize to
 (128, 96), RandomFlip, Normalize, Pad 32) and the official loss and schedule shape, then
-evaluates COCO box AP on the held-out images. Figures: README "Object detection (RetinaNet)".
+evaluates COCO box AP on the held-out images. The only changes from the COCO recipe are the
+size of things (data, widths, float32) and the schedule: lr 2e-3 with a 10-step warmup for a
+model trained from scratch, 32 short epochs (512 steps: the AP still rises with steps; 128 gave
+0.157). Figures: README "Object detection (RetinaNet)".
 """
 
 from configs.det import common
@@ -27,12 +30,12 @@ def get_config(arg=None):
 
     config.compute_dtype = "float32"  # bf16 matmuls are slow on CPUs
     config.global_batch_size = 16
-    config.num_epochs = 8  # 128 steps
-    config.optim.lr_steps = (6,)  # the 1x schedule's shape, shortened: x0.1 for the last 2 epochs
+    config.num_epochs = 32  # 512 steps: the AP still climbs with steps (0.22 / 0.38 / 0.51 / 0.60 at 128-512)
+    config.optim.lr_steps = (28,)  # the 1x schedule's shape, shortened: x0.1 for the last 4 epochs
     config.optim.lr = 2e-3
     config.optim.warmup_iters = 10
-    config.log_every_steps = 16
-    config.eval_every_steps = 64  # every 4 epochs
+    config.log_every_steps = 32
+    config.eval_every_steps = 512  # once, at the end
     config.eval.batch_size = 8
-    config.checkpoint.every_steps = 64
+    config.checkpoint.every_steps = 512
     return common.finish(config, arg)
