@@ -17,5 +17,16 @@ export BIFORMER_REQUIRE_TORCH="${BIFORMER_REQUIRE_TORCH:-1}"
 export BIFORMER_REQUIRE_ONNX="${BIFORMER_REQUIRE_ONNX:-1}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# One persistent compilation cache for the whole run, shared by the pytest workers and the CLI
+# subprocesses they start (several tests compile the same micro programs; a resumed run compiles
+# what its first run did). A fresh directory, removed at the end; the size limit turns on jax's
+# file lock, so that two processes never read an entry another one is writing.
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/biformer-jax-test-xla-cache-XXXXXX")"
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
+export JAX_COMPILATION_CACHE_MAX_SIZE="${JAX_COMPILATION_CACHE_MAX_SIZE:-$((16 * 1024 * 1024 * 1024))}"
 # One worker per core, each test file kept on one worker (module fixtures are built once).
 .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"

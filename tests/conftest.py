@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere), and the shared fixtures.
+"""Test setup: 8 simulated CPU devices at XLA -O0 (support/xla_flags.py; set before jax is imported
+anywhere), and the shared fixtures.
 
 The checkout, tests/ (for the `support` helpers) and benchmarks/ come first on sys.path through
 pytest's `pythonpath` setting (pyproject.toml), also when the venv holds an editable install of
@@ -8,8 +9,9 @@ another checkout.
 import os
 
 import pytest
+from support.xla_flags import xla_flags_for
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags_for(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -19,7 +21,8 @@ def compilation_cache() -> str:
 
     The trainer tests train the same micro BiFormer with the same batch shapes, so after the
     first test their compiles become cache reads; their modules use it with
-    `pytestmark = pytest.mark.usefixtures("compilation_cache")`.
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`. Under scripts/test.sh every
+    process of the run already shares one (JAX_COMPILATION_CACHE_DIR), and this is that one.
     """
     from support import train_testlib
 

@@ -19,16 +19,19 @@ import time
 from pathlib import Path
 
 from biformer_jax.training import metrics as metrics_lib
-from support import train_testlib
+from support import train_testlib, xla_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "tests" / "support" / "train_harness.py"
 NUM_STEPS = 6
 RUN_TIMEOUT_S = 1500  # generous: compiles on a loaded 2-core machine take minutes
 
-# BIFORMER_JAX_TEST_XLA_CACHE: reuse a cache across sessions (e.g. while developing a test).
-_CACHE_DIR = os.environ.get("BIFORMER_JAX_TEST_XLA_CACHE") or tempfile.mkdtemp(
-    prefix="biformer-jax-subprocess-xla-cache-"
+# BIFORMER_JAX_TEST_XLA_CACHE: reuse a cache across sessions (e.g. while developing a test);
+# JAX_COMPILATION_CACHE_DIR: the run's own (scripts/test.sh sets one for every process).
+_CACHE_DIR = (
+    os.environ.get("BIFORMER_JAX_TEST_XLA_CACHE")
+    or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or tempfile.mkdtemp(prefix="biformer-jax-subprocess-xla-cache-")
 )
 
 
@@ -52,7 +55,7 @@ def train_flags(workdir, **overrides) -> list[str]:
 def env(num_devices: int, **extra: str) -> dict[str, str]:
     out = dict(os.environ)
     out.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        XLA_FLAGS=xla_flags.xla_flags_for(num_devices),
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -7,6 +7,7 @@ remaining compiles into cache reads.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,9 +23,11 @@ _CACHE_DIR: str | None = None
 
 
 def enable_compilation_cache() -> str:
+    """The session's persistent cache directory: the run's (JAX_COMPILATION_CACHE_DIR, which jax
+    read at import), else a fresh one for this process."""
     global _CACHE_DIR
     if _CACHE_DIR is None:
-        _CACHE_DIR = tempfile.mkdtemp(prefix="biformer-jax-test-xla-cache-")
+        _CACHE_DIR = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="biformer-test-xla-cache-")
         jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return _CACHE_DIR
