@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_accelerator_benchmark_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a GPU host
+    env = {**os.environ, "XLA_FLAGS": xla_flags.xla_flags_for(1)}  # one CPU device, as on a GPU host
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--smoke", f"--out={tmp_path}"]
     cmd += ["--impls=pallas", "--steps=1", "--compile_threads=2", "--budget_s=100000"]  # no budget on CI
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)

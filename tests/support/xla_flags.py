@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 
+# `jax.jit(f).lower(...).compile(DEFAULT_BACKEND_LEVEL)`: one program at XLA's default level (3).
+DEFAULT_BACKEND_LEVEL = {"xla_backend_optimization_level": 3}
+
 
 def xla_flags_for(num_devices: int) -> str:
     """`num_devices` simulated CPU devices, and -O0 unless BIFORMER_TEST_XLA_OPT=default."""
