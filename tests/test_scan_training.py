@@ -81,11 +81,11 @@ def train_fn(model):
     return jax.jit(fn)
 
 
-def at_default_level(jitted):
-    """`jitted` compiled at XLA's default backend level, not the suite's -O0 (support/xla_flags.py):
-    at -O0 XLA:CPU computes the two float64 DeBiFormer programs 8.6e-9 apart (measured, c2b98a4),
-    at its default level within the 1e-12 bound."""
-    return lambda *args: jitted.lower(*args).compile(xla_flags.DEFAULT_BACKEND_LEVEL)(*args)
+def at_default_level(jitted, *args):
+    """`jitted` compiled once for `args` at XLA's default backend level, not the suite's -O0
+    (support/xla_flags.py): at -O0 XLA:CPU computes the two float64 DeBiFormer programs 8.6e-9
+    apart (measured, c2b98a4), at its default level within the 1e-12 bound."""
+    return jitted.lower(*args).compile(xla_flags.DEFAULT_BACKEND_LEVEL)
 
 
 def rel(a, b):
@@ -114,7 +114,8 @@ def test_scanned_training_step_is_the_unrolled_one(case, dtype):
         y = jax.random.normal(jax.random.key(2), (4, 5), dt)
         variables = random_variables(unrolled, x, seed=3)
         args = (variables["params"], variables["batch_stats"], x, y)
-        step, scanned_step = at_default_level(train_fn(unrolled)), at_default_level(train_fn(scanned))
+        step = at_default_level(train_fn(unrolled), *args, jax.random.key(4))
+        scanned_step = at_default_level(train_fn(scanned), *args, jax.random.key(4))
         want, got = step(*args, jax.random.key(4)), scanned_step(*args, jax.random.key(4))
         other_draw = step(*args, jax.random.key(7))[0]
 
