@@ -65,7 +65,7 @@ def find_runs(workdirs: Sequence[str]) -> list[tuple[str, str]]:
 def _value(v: Any) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return float(v)
-    return None  # "nan"/"inf" strings (metrics._to_python), lists, missing
+    return None  # "nan"/"inf" strings (metrics.to_python), lists, missing
 
 
 def series(records: dict[int, dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -15,7 +15,7 @@ torch = required.torch("PyTorch is not installed: the .pth command line needs it
 
 def micro_state_dict(**kw):
     model = models.create_model("biformer_micro", **kw)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     return model, convert.to_torch_state_dict(variables)
 
 

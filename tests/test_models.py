@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from support import required
+from support import required, train_testlib
 
 from biformer_jax import models
 from biformer_jax.models.layers import ConvMlp, LayerNormParams, layer_norm
@@ -26,7 +26,7 @@ MICRO = dict(
 
 def init(model, shape=(2, 64, 64, 3), seed=0):
     x = jax.random.normal(jax.random.key(seed + 1), shape)
-    return model.init(jax.random.key(seed), x), x
+    return jax.jit(model.init)(jax.random.key(seed), x), x
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_official_options_agree_with_a_reference_path_and_train(overrides):
 
     def run(attn_impl, dwconv_impl, variables=None):
         model = models.create_model("biformer", attn_impl=attn_impl, dwconv_impl=dwconv_impl, **kw)
-        variables = variables or model.init(jax.random.key(0), x)
+        variables = variables or train_testlib.random_variables(model)  # noise weights: no init to compile
 
         def loss(params):
             out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
@@ -124,7 +124,7 @@ def test_routing_gradients_follow_diff_routing():
     def loss(params):
         return jnp.sum(model.apply({**variables, "params": params}, x) ** 2)
 
-    g = jax.grad(loss)(variables["params"])
+    g = jax.jit(jax.grad(loss))(variables["params"])
     assert float(jnp.abs(g["stages_0_0"]["attn"]["router"]["emb"]["kernel"]).sum()) > 0
 
 
@@ -220,8 +220,8 @@ def test_remat_stages_same_values_and_grads():
         out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"], rngs=rngs)
         return jnp.sum(out**2)
 
-    la, ga = jax.value_and_grad(lambda p: loss(plain, p))(variables["params"])
-    lb, gb = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
+    la, ga = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(variables["params"])
+    lb, gb = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(variables["params"])
     np.testing.assert_allclose(la, lb, rtol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ga, gb)
 
@@ -256,7 +256,8 @@ def test_fused_norm_linear_and_gelu_linear_match_autodiff(shape):
         return jnp.sum(jnp.sin(y)), y
 
     ((la, ya), (gpa, gxa)), ((lb, yb), (gpb, gxb)) = (
-        jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1), has_aux=True)(params, x) for f in (True, False)
+        jax.jit(jax.value_and_grad(functools.partial(loss, f), argnums=(0, 1), has_aux=True))(params, x)
+        for f in (True, False)
     )
     # Outputs within float32 rounding of their scale (measured <= 2.4e-6 abs at max|y| ~ 12, seeds 0-3).
     np.testing.assert_allclose(ya, yb, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(yb))))
@@ -311,7 +312,7 @@ def test_bad_configs_fail_with_a_fix(kwargs, shape, message):
     kw.update(kwargs)
     model = models.create_model("biformer", **kw)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("=", "=")):
-        model.init(jax.random.key(0), jnp.zeros(shape))
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
 
 
 def test_create_model_rejects_unknowns():

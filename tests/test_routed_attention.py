@@ -45,7 +45,7 @@ def value_and_grads(fn, q, kv, r_idx, r_weight, cotangent):
     def loss(q, kv, w):
         return jnp.sum(fn(q, kv, w).astype(jnp.float32) * cotangent)
 
-    return [fn(q, kv, r_weight), *jax.grad(loss, argnums=argnums)(q, kv, r_weight)]
+    return [jax.jit(fn)(q, kv, r_weight), *jax.jit(jax.grad(loss, argnums=argnums))(q, kv, r_weight)]
 
 
 def numpy_reference(q, kv, r_idx, r_weight, num_heads, scale):
@@ -249,9 +249,11 @@ def test_micro_model_train_step_matches_gather():
     kw["kv_downsample_ratios"] = (2, 1, 1, 1)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
 
+    # The implementations share one parameter layout: one set of initial weights for all three.
+    variables = jax.jit(models.create_model("biformer_micro", attn_impl="gather", **kw).init)(jax.random.key(0), x)
+
     def grads(attn_impl):
         model = models.create_model("biformer_micro", attn_impl=attn_impl, **kw)
-        variables = model.init(jax.random.key(0), x)
 
         def loss(params):
             logits, upd = model.apply(

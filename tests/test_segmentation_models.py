@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from support import required
+from support import required, train_testlib
 from support.golden import GOLDEN_DIR
 
 from biformer_jax import convert, models
@@ -69,7 +69,7 @@ def test_bilinear_downsampling_does_not_antialias():
 def test_micro_models_eval_and_train(name):
     model = models.create_model(name, num_classes=5)
     x = jax.random.normal(jax.random.key(0), (2, 72, 88, 3))  # not a multiple of 32: auto_pad and ceil sizes
-    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+    variables = train_testlib.random_variables(model, seed=1)  # noise weights: no init to compile
     upernet = name.startswith("upernet")
     assert ("auxiliary_head" in variables["params"]) == upernet
 
@@ -150,8 +150,8 @@ def test_backbone_initialises_from_a_classifier():
     from biformer_jax.models.segmentation import init_backbone_from_classifier
 
     x = jnp.zeros((1, 64, 64, 3))
-    classifier = models.create_model("biformer_micro").init(jax.random.key(0), x)
-    seg = models.create_model("sfpn_biformer_micro").init(jax.random.key(1), x)
+    classifier = jax.jit(models.create_model("biformer_micro").init)(jax.random.key(0), x)
+    seg = jax.jit(models.create_model("sfpn_biformer_micro").init)(jax.random.key(1), x)
     out, loaded, fresh = init_backbone_from_classifier(seg, classifier)
     assert any(p.startswith("params/backbone/stages_2_1/attn/") for p in loaded)
     assert "batch_stats/backbone/downsample_layers_0/1/mean" in loaded
@@ -167,7 +167,7 @@ def test_backbone_initialises_from_a_classifier():
         np.testing.assert_array_equal(flat[path], before[path], err_msg=path)
     other = models.create_model("biformer_micro", embed_dim=(16, 32, 64, 64), qk_dims=(16, 32, 64, 64))
     with pytest.raises(ValueError, match="stages_3_0"):
-        init_backbone_from_classifier(seg, other.init(jax.random.key(0), x))
+        init_backbone_from_classifier(seg, jax.jit(other.init)(jax.random.key(0), x))
 
 
 # --- the mmseg key layout and the converter --------------------------------------------
@@ -198,7 +198,7 @@ def test_official_mmseg_keys_shapes_and_counts(name):
 @pytest.mark.parametrize("name", MICRO)
 def test_round_trip_is_exact_and_mismatches_are_named(name):
     model = models.create_model(name)
-    variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    variables = train_testlib.random_variables(model)
     sd = convert.to_torch_state_dict(variables)
     prefixes = {k.split(".")[0] for k in sd}
     heads = {"decode_head", "auxiliary_head"} if "upernet" in name else {"neck", "decode_head"}
@@ -222,7 +222,7 @@ def test_round_trip_is_exact_and_mismatches_are_named(name):
 def test_command_line_converts_an_mmseg_checkpoint(tmp_path, capsys):
     torch = required.torch()
     model = models.create_model("upernet_biformer_micro", num_classes=4)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     sd = convert.to_torch_state_dict(variables)
     classes = ("wall", "floor", "sky", "tree")
     obj = {

@@ -1,4 +1,4 @@
-"""Metric collections (clu) and writers: TensorBoard + logging + WORKDIR/metrics.jsonl.
+"""Metric collections (clu), and WORKDIR/metrics.jsonl's name and reader (writers.py writes it).
 
 The collections are produced inside the jitted steps, merged on device by the loop and computed
 on the host when logged. `metrics.jsonl` gets one JSON object per written step,
@@ -15,7 +15,7 @@ from typing import Any
 import flax
 import jax
 import numpy as np
-from clu import metric_writers, metrics
+from clu import metrics
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,7 +38,8 @@ class EvalMetrics(metrics.Collection):
     top5: metrics.Average.from_output("top5")
 
 
-def _to_python(value: Any) -> Any:
+def to_python(value: Any) -> Any:
+    """A metric value as JSON: a Python scalar (non-finite floats as "nan"/"inf" strings) or a list."""
     value = np.asarray(jax.device_get(value))
     if value.ndim == 0:
         value = value.item()
@@ -46,56 +47,6 @@ def _to_python(value: Any) -> Any:
             return str(value)  # JSON has no NaN/inf; keep the line valid
         return value
     return value.tolist()
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-    """Appends every scalar write to a JSON-lines file (one object per step)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = epath.Path(path)  # gs://, s3:// or local
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def create_writer(workdir: str | os.PathLike, *, process_index: int) -> metric_writers.MetricWriter:
-    """TensorBoard + logging on process 0 (logging only elsewhere), plus metrics.jsonl on process 0."""
-    writer = metric_writers.create_default_writer(
-        os.fspath(workdir), just_logging=process_index > 0, asynchronous=False
-    )
-    if process_index > 0:
-        return writer
-    return metric_writers.MultiWriter([writer, JsonlWriter(epath.Path(workdir) / METRICS_FILE)])
 
 
 def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, Any]]:

@@ -32,7 +32,7 @@ from clu import parameter_overview, periodic_actions
 
 from biformer_jax.models import from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.training import checkpoint, preemption, restore, sharding
+from biformer_jax.training import checkpoint, preemption, restore, sharding, writers
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
 
@@ -221,7 +221,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
     state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task, meta=run.meta)
     first_step = int(jax.device_get(state.step))
 
-    writer = metrics_lib.create_writer(workdir, process_index=jax.process_index())
+    writer = writers.create_writer(workdir, process_index=jax.process_index())
     logging.info(
         "%s: %s parameters, %d steps (%d per epoch), global batch %d, lr %.3g, mesh %s.",
         config.model,

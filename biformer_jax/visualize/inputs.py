@@ -91,7 +91,7 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> Any:
 def random_model(name: str, seed: int = 0) -> Loaded:
     """A freshly initialised registered model (e.g. to compare an ERF before training)."""
     model = build_model(name)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
     variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     return Loaded(model, variables, name, f"{name} (random init)")
 
