@@ -64,6 +64,11 @@ def test_config_loads_and_builds_its_model(name, arg):
     assert config.model in models.list_models(), f"configs/{name}.py: model {config.model!r} is not registered"
     num_classes = 10 if name == "quickstart" else 1000
     model = from_config.model_from_config(config, num_classes=num_classes)
+    if arg == "runlocal":
+        plain = _load(name, None)
+        if model == from_config.model_from_config(plain, num_classes=num_classes):
+            assert config.data.image_size == plain.data.image_size
+            return  # the same model at the same size: built once, for the plain config
     variables = from_config.abstract_variables(model, config.data.image_size)
     assert variables["params"]["head"]["kernel"].shape[-1] == num_classes
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) > 0

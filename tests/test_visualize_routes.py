@@ -25,9 +25,15 @@ def _setup(name):
     return loaded, image, x
 
 
-def _recorded_routes(loaded, x, block_index):
-    _, state = loaded.model.apply(loaded.variables, x, train=False, mutable=["intermediates"])
-    return np.asarray(models.collect_routes(state["intermediates"])[block_index])
+def _recorded_routes(loaded, x):
+    """Every routed block's recorded routes, in block order (one jitted forward pass)."""
+
+    @jax.jit
+    def forward(variables, x):
+        _, state = loaded.model.apply(variables, x, train=False, mutable=["intermediates"])
+        return models.collect_routes(state["intermediates"])
+
+    return [np.asarray(r) for r in forward(loaded.variables, x)]
 
 
 def _routed_mask(qr):
@@ -69,7 +75,7 @@ def biformer_case():
 
 def test_routes_are_the_recorded_ones_in_score_order(biformer_case):
     loaded, image, x, queries, results = biformer_case
-    recorded = _recorded_routes(loaded, x, block_index=3)  # stage 0: 1, stage 1: 1, stage 2: blocks 2, 3
+    recorded = _recorded_routes(loaded, x)[3]  # stage 0: 1, stage 1: 1, stage 2: blocks 2, 3
     fig = drawing.routes_figure(image, results)
     drawn = _drawn_routes(fig)
     for q, (row, ax) in enumerate(zip(results, fig.axes)):
@@ -117,8 +123,7 @@ def test_debiformer_routes_points_and_attention():
     (row,) = results
     assert [qr.module for qr in row] == ["stages_1_0/attn1", "stages_1_0/attn2"]
     assert [qr.kind for qr in row] == ["bra", "deformable"]
-    recorded = _recorded_routes(loaded, x, block_index=2)  # stage 0 block: attn1, attn2; then stage 1
-    recorded2 = _recorded_routes(loaded, x, block_index=3)
+    recorded, recorded2 = _recorded_routes(loaded, x)[2:4]  # stage 0 block: attn1, attn2; then stage 1
     np.testing.assert_array_equal(row[0].routes, recorded[0, row[0].region])
     np.testing.assert_array_equal(row[1].routes, recorded2[0, row[1].region])
     for qr in row:
