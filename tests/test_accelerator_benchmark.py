@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_accelerator_benchmark_smoke(tmp_path):
+    """Over 60 s in the suite (about 75 s): one benchmark process that compiles each smoke
+    model's train step and forward (Pallas kernels in interpret mode) and writes its JSON."""
     env = {**os.environ, "XLA_FLAGS": xla_flags.xla_flags_for(1)}  # one CPU device, as on a GPU host
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--smoke", f"--out={tmp_path}"]
     cmd += ["--impls=pallas", "--steps=1", "--compile_threads=2", "--budget_s=100000"]  # no budget on CI

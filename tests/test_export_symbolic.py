@@ -61,6 +61,8 @@ def _round_trip(tmp_path, loaded, sizes, checked=((32, 32), (28, 42), (13, 19)))
 
 
 def test_auto_pad_biformer_exports_with_symbolic_size(tmp_path):
+    """About 60 s in the suite: a symbolic-size artifact compiles per call shape (as for
+    DeBiFormer below, more slowly than a fixed-size one), here at 4 sizes x 2 batches."""
     loaded = _loaded(tmp_path, "biformer_micro", auto_pad=True)
     spec, _ = _round_trip(tmp_path, loaded, [(97, 131)])
     assert spec["min_size"] == [1, 1]
@@ -127,6 +129,8 @@ def test_region_padding_traces_with_symbolic_dims():
 
 
 def test_debiformer_to_onnx_names_the_op_it_cannot_express_and_converts_with_xla_ties(tmp_path):
+    """Over 60 s in the suite (about 65 s): the refused conversion traces DeBiFormer, the second
+    converts it and checks the ONNX model against model.apply at batch 1 and 3."""
     required.onnxruntime()
     from biformer_jax.export import onnx as onnx_export
 
