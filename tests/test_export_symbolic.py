@@ -70,11 +70,11 @@ def test_auto_pad_biformer_exports_with_symbolic_size(tmp_path):
 
 
 def test_debiformer_exports_with_symbolic_size(tmp_path, monkeypatch):
-    """Over 60 s (4-6 min in the suite): DeBiFormer's artifact with symbolic height and width
-    holds ~42,000 shape operations, and each call shape compiles in ~35-45 s here (XLA's own
-    passes ~6.5 s of it; the rest turns the symbolic shapes static), against ~6 s for a
-    fixed-size artifact. The exporter's check (2 sizes x 2 batches) and the loader (1 size x 2
-    batches) call it at 6 shapes; each is a check of its own."""
+    """Over 60 s (4-9 min in the suite): DeBiFormer's artifact with symbolic height and width
+    holds ~42,000 StableHLO ops (~6,300 at a fixed size), and each call shape compiles and runs
+    in ~17-19 s on an idle 2-core machine, 30-45 s beside another worker (XLA's own passes and
+    codegen ~6.5 s of it), against ~3 s for a fixed-size artifact. The exporter's check (2 sizes
+    x 2 batches) and the loader (1 size x 2 batches) call it at 6 shapes, each a check of its own."""
     # Two of the exporter's three check sizes: each size compiles DeBiFormer twice (~1 min here).
     monkeypatch.setattr(stablehlo_export, "check_sizes", lambda s, m: [(32, 32), (13, 19)])
     loaded = _loaded(tmp_path, "debiformer_micro")
