@@ -1,4 +1,4 @@
-"""Detection throughput and memory: RetinaNet inference, and the task's training step, at one shape.
+"""Detection throughput and memory: RetinaNet and Mask R-CNN inference, and the task's training step, at one shape.
 
     python benchmarks/detection.py --model=retinanet_biformer_micro --batch=2 --height=96 --width=128
     # the issue's figures: 800x1333 images (padded to 800x1344 by the pipeline's Pad 32), batch 1
@@ -6,6 +6,9 @@
         --height=800 --width=1344 --warmup=1 --rounds=2 --steps=1 --official_repo=/tmp/official_biformer
     python benchmarks/detection.py --mode=train --model=retinanet_biformer_small --batch=1 \
         --height=800 --width=1344 --warmup=1 --rounds=1 --steps=1 --official_repo=/tmp/official_biformer
+    python benchmarks/detection.py --mode=infer --model=maskrcnn_biformer_small --batch=1 \
+        --height=800 --width=1344 --warmup=1 --rounds=2 --steps=1 --official_repo=/tmp/official_biformer \
+        --official_python=/tmp/tvenv/bin/python
 
 `--mode=train` (default): the detection task's train step (tasks/detection/steps.py) on random
 images and a few random boxes per image at (--height, --width) (a bucket shape of the pipeline:
@@ -14,7 +17,10 @@ one compile per shape): backbone + FPN + RetinaHead forward with drop path, the 
 BatchNorms frozen, loss groups of 2 images. `--mode=infer`: backbone + FPN + RetinaHead forward
 to the head's outputs (all levels' class logits and box deltas), without box decoding or NMS,
 with weights made on the host and compiled as eval.py runs it (ahead of time, the compiler's
-freed memory released).
+freed memory released). With a Mask R-CNN (`maskrcnn_*`, inference only) `--mode=infer` is the
+whole test path, `maskrcnn.detect`: backbone + FPN + RPN, proposals (top 1000 per level, NMS 0.7),
+RoIAlign + box head, softmax, class-wise NMS 0.5 (100 kept), the mask head on the detections and
+the masks pasted into the image.
 
 `--official_repo` (a checkout of rayleizhu/BiFormer, fetched outside this repository; BiFormer
 models only) times the official `BiFormer` as its detection configs build it (`BiFormer_mm`:
@@ -22,6 +28,9 @@ extra LayerNorm2d per stage, BatchNorms in eval mode) under a PyTorch FPN + Reti
 loss of the same shapes (benchmarks/torch_retinanet.py; mmdet does not install here) with AdamW
 (lr 1e-4, weight decay 1e-4), on the same shape and number of boxes, in a worker process that
 imports neither JAX nor this package, alternating rounds with ours so both see the same load.
+With a Mask R-CNN the worker is benchmarks/torch_maskrcnn.py (FPN, RPN, RoI heads and mask pasting
+of mmdet 2.11's test path, RoIAlign and NMS from torchvision's CPU kernels, as mmcv's): run it
+under a Python with torch + torchvision (`--official_python`; see that file).
 
 Our peak RSS is this process's high-water mark (imports and compilation included;
 import_rss_bytes is the mark after the imports: train mode imports the task, which pulls in
@@ -54,7 +63,10 @@ from timing import DTYPES, CompiledBench, alternate_rounds  # noqa: E402  (bench
 from biformer_jax import models  # noqa: E402
 from biformer_jax.host_memory import compile_for_inference  # noqa: E402
 
-WORKER = Path(__file__).resolve().with_name("torch_retinanet.py")
+WORKERS = {  # the official detector's worker by our model's class
+    "RetinaNet": Path(__file__).resolve().with_name("torch_retinanet.py"),
+    "MaskRCNN": Path(__file__).resolve().with_name("torch_maskrcnn.py"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--official_repo", default=None, help="checkout of rayleizhu/BiFormer to time alongside")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the official model")
+    ap.add_argument(
+        "--official_python",
+        default=sys.executable,
+        help="the Python that runs the official worker (torch_maskrcnn.py needs torchvision)",
+    )
     return ap.parse_args(argv)
 
 
@@ -109,7 +126,12 @@ class OursDet(CompiledBench):
             self._init_train(args, model, batch)
         else:
             variables = segmentation.host_variables(model, np.random.default_rng(0))
-            fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            if type(model).__name__ == "MaskRCNN":
+                from biformer_jax.models.detection import maskrcnn
+
+                fn = jax.jit(lambda v, x: maskrcnn.detect(model, v, x))
+            else:
+                fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
             self.compiled = compile_for_inference(fn, variables, batch["image"])
             self._run = lambda: self.compiled(variables, batch["image"])
         self.compile_s = time.perf_counter() - t0
@@ -136,12 +158,12 @@ class OursDet(CompiledBench):
 
 
 class OfficialDet:
-    """The official BiFormer + torch_retinanet's neck, head and loss in a worker process."""
+    """The official BiFormer under a worker's neck and heads (torch_retinanet / torch_maskrcnn) in its own process."""
 
-    def __init__(self, args, backbone_args: dict):
+    def __init__(self, args, worker: Path, backbone_args: dict):
         cmd = [
-            sys.executable,
-            str(WORKER),
+            args.official_python,
+            str(worker),
             "--serve",
             f"--repo={args.official_repo}",
             f"--backbone_args={json.dumps(backbone_args)}",
@@ -188,11 +210,18 @@ def main(argv=None) -> dict:
     if args.dtype != "float32":
         kw["dtype"] = DTYPES[args.dtype]
     model = models.create_model(args.model, **kw)
+    family = type(model).__name__
+    if family == "MaskRCNN" and args.mode != "infer":
+        raise SystemExit(f"{args.model}: the Mask R-CNN benchmark times inference only; pass --mode=infer.")
     official = None
     if args.official_repo:
-        if model.backbone != "biformer":
-            raise SystemExit("--official_repo times the official BiFormer: pass a retinanet_biformer_* model.")
-        official = OfficialDet(args, model.backbone_config)
+        if model.backbone != "biformer" or family not in WORKERS:
+            raise SystemExit(
+                "--official_repo times the official BiFormer: pass a retinanet_biformer_* or maskrcnn_biformer_* model."
+            )
+        if family == "MaskRCNN" and args.batch != 1:
+            raise SystemExit("--official_repo with a Mask R-CNN times one image per step: pass --batch=1.")
+        official = OfficialDet(args, WORKERS[family], model.backbone_config)
     ours = OursDet(args, model)
     ours_s, theirs_s = alternate_rounds(
         ours, official, warmup=args.warmup, rounds=args.rounds, steps=args.steps, batch=args.batch

@@ -32,17 +32,23 @@ OCTAVE_BASE_SCALE, SCALES_PER_OCTAVE = 4, 3
 
 
 class FPN(nn.Module):
-    """mmdet's FPN with start_level=1 and 'on_input' extra convs (no ReLU before them)."""
+    """mmdet's FPN: with `add_extra_convs=True` (RetinaNet: `start_level=1`, 'on_input') the extra
+    levels are 3x3 stride-2 convs on the last input (no ReLU before them); with False (Mask R-CNN:
+    `start_level=0`) each extra level is `max_pool2d(kernel 1, stride 2)` of the last output."""
 
-    def __init__(self, in_channels, out_channels: int = 256, num_outs: int = 5, start_level: int = 1):
+    def __init__(
+        self, in_channels, out_channels: int = 256, num_outs: int = 5, start_level: int = 1, add_extra_convs=True
+    ):
         super().__init__()
         self.start_level, self.num_outs = start_level, num_outs
         used = in_channels[start_level:]
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in used)
         self.fpn = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in used)
-        extra = [nn.Conv2d(in_channels[-1], out_channels, 3, stride=2, padding=1)]
-        for _ in range(num_outs - len(used) - 1):
-            extra.append(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1))
+        extra = []
+        if add_extra_convs:
+            extra.append(nn.Conv2d(in_channels[-1], out_channels, 3, stride=2, padding=1))
+            for _ in range(num_outs - len(used) - 1):
+                extra.append(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1))
         self.extra = nn.ModuleList(extra)
 
     def forward(self, feats):
@@ -51,6 +57,10 @@ class FPN(nn.Module):
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
         outs = [conv(x) for conv, x in zip(self.fpn, lat)]
+        if not self.extra:
+            while len(outs) < self.num_outs:
+                outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+            return outs
         source = feats[-1]
         for conv in self.extra:
             outs.append(conv(source))
@@ -85,13 +95,15 @@ class RetinaHead(nn.Module):
         return cls, reg
 
 
-def grid_anchors(sizes) -> torch.Tensor:
-    """(sum H*W*9, 4) anchors (x1, y1, x2, y2): positions row-major, then ratio-major base anchors
-    (mmdet's AnchorGenerator with center_offset 0)."""
-    scales = OCTAVE_BASE_SCALE * 2.0 ** (torch.arange(SCALES_PER_OCTAVE) / SCALES_PER_OCTAVE)
+def grid_anchors(sizes, strides=STRIDES, scales=None) -> torch.Tensor:
+    """(sum H*W*A, 4) anchors (x1, y1, x2, y2): positions row-major, then ratio-major base anchors
+    (mmdet's AnchorGenerator with center_offset 0). `scales` default: RetinaNet's octave scales."""
+    if scales is None:
+        scales = OCTAVE_BASE_SCALE * 2.0 ** (torch.arange(SCALES_PER_OCTAVE) / SCALES_PER_OCTAVE)
+    scales = torch.as_tensor(scales, dtype=torch.float32)
     h_ratios = torch.tensor(RATIOS).sqrt()
     out = []
-    for s, (h, w) in zip(STRIDES, sizes):
+    for s, (h, w) in zip(strides, sizes):
         ws = (s / h_ratios[:, None] * scales[None]).reshape(-1)
         hs = (s * h_ratios[:, None] * scales[None]).reshape(-1)
         base = torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], -1)
@@ -161,17 +173,16 @@ def retinanet_loss(cls_scores, bbox_preds, gt_bboxes, gt_labels, gamma: float = 
     return loss_cls / num_pos, loss_bbox / num_pos
 
 
-class OfficialRetinaNet(nn.Module):
-    """The official BiFormer as BiFormer_mm builds it (passed in) + FPN + RetinaHead."""
+class OfficialBackbone(nn.Module):
+    """The official BiFormer as BiFormer_mm builds it (passed in): no head / norm, a LayerNorm2d
+    (eps 1e-6) on each stage's output, its BatchNorms in eval mode (norm_eval)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         del backbone.head, backbone.norm
         self.backbone = backbone
-        dims = list(backbone.embed_dim)
-        self.extra_norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in dims)  # LayerNorm2d
-        self.neck = FPN(dims)
-        self.bbox_head = RetinaHead(num_classes)
+        self.dims = list(backbone.embed_dim)
+        self.extra_norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in self.dims)  # LayerNorm2d
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -185,7 +196,20 @@ class OfficialRetinaNet(nn.Module):
         for i in range(4):
             x = self.backbone.stages[i](self.backbone.downsample_layers[i](x))
             feats.append(self.extra_norms[i](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous())
-        return self.bbox_head(self.neck(feats))
+        return feats
+
+
+class OfficialRetinaNet(nn.Module):
+    """The official BiFormer (OfficialBackbone) + FPN + RetinaHead."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = OfficialBackbone(backbone)
+        self.neck = FPN(self.backbone.dims)
+        self.bbox_head = RetinaHead(num_classes)
+
+    def forward(self, x):
+        return self.bbox_head(self.neck(self.backbone(x)))
 
 
 def random_boxes(n: int, m: int, height: int, width: int, num_classes: int, gen: torch.Generator):
@@ -196,10 +220,9 @@ def random_boxes(n: int, m: int, height: int, width: int, num_classes: int, gen:
     return list(torch.cat([xy, xy + wh], -1)), list(torch.randint(0, num_classes, (n, m), generator=gen))
 
 
-def serve(args) -> None:
-    """Builds the official detector, then runs one step per 'step' line; prints peak RSS on 'stop'."""
+def official_backbone(args) -> nn.Module:
+    """The official BiFormer (from `args.repo`) with `args.backbone_args`, wrapped as BiFormer_mm."""
     import inspect
-    import resource
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import official_pytorch as op
@@ -209,7 +232,26 @@ def serve(args) -> None:
     cls = op.load_official(args.repo).BiFormer
     wanted = set(inspect.signature(cls).parameters)
     backbone_args = json.loads(args.backbone_args)
-    net = OfficialRetinaNet(cls(**{k: v for k, v in backbone_args.items() if k in wanted}), args.num_classes)
+    return cls(**{k: v for k, v in backbone_args.items() if k in wanted})
+
+
+def serve_steps(step) -> None:
+    """The worker's loop: 'ready', then one `step()` and 'done' per 'step' line; on any other line
+    its peak RSS in bytes."""
+    import resource
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        step()
+        print("done", flush=True)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)  # Linux: KiB
+
+
+def serve(args) -> None:
+    """Builds the official detector, then runs one step per 'step' line; prints peak RSS on 'stop'."""
+    net = OfficialRetinaNet(official_backbone(args), args.num_classes)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.height, args.width, generator=gen)
     boxes, labels = random_boxes(args.batch, args.max_boxes, args.height, args.width, args.num_classes, gen)
@@ -229,17 +271,12 @@ def serve(args) -> None:
         (loss_cls + loss_bbox).backward()
         opt.step()
 
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        step()
-        print("done", flush=True)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, flush=True)  # Linux: KiB
+    serve_steps(step)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def worker_args(description: str, argv=None) -> argparse.Namespace:
+    """The worker's command line (detection.py passes it)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", action="store_true", required=True)
     ap.add_argument("--repo", required=True)
     ap.add_argument("--backbone_args", required=True, help="JSON: the backbone's constructor arguments")
@@ -250,7 +287,11 @@ def main(argv=None) -> None:
     ap.add_argument("--num_classes", type=int, default=80)
     ap.add_argument("--max_boxes", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    serve(ap.parse_args(argv))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    serve(worker_args(__doc__, argv))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,60 @@ def test_torch_retinanet_matches_our_neck_head_and_loss():
     np.testing.assert_allclose(float(t_loss[1]), float(j_loss["loss_bbox"]), rtol=1e-5)
 
 
+def test_torch_maskrcnn_matches_our_neck_heads_coder_and_pasting():
+    """benchmarks/torch_maskrcnn.py, the official backbone's Mask R-CNN in the 800x1333 benchmark:
+    the same parameters and RPN output shapes as our FPN + RPNHead + RoIHead, the same RPN anchors,
+    box decoding and mask pasting (its RoIAlign and NMS are torchvision's, not installed here)."""
+    import numpy as np
+    import torch
+    import torch_maskrcnn as tm
+    import torch_retinanet as tr
+
+    from biformer_jax.detection import AnchorGenerator, DeltaXYWHBBoxCoder
+    from biformer_jax.models.detection.fpn import DetFPN
+    from biformer_jax.models.detection.roi_heads import RoIHead, paste_masks
+    from biformer_jax.models.detection.rpn_head import RPNHead
+
+    dims, (h, w), num_classes = (64, 128, 256, 512), (64, 96), 3
+    feats = [jnp.zeros((1, h // s, w // s, c)) for s, c in zip((4, 8, 16, 32), dims)]
+    neck, rpn, roi = DetFPN(256, 5, 0, add_extra_convs=False), RPNHead(3, 256), RoIHead(num_classes)
+    neck_vars = jax.eval_shape(neck.init, jax.random.key(0), feats)
+    outs = jax.eval_shape(neck.apply, neck_vars, feats)
+    rpn_vars = jax.eval_shape(rpn.init, jax.random.key(0), outs)
+    cls_shapes, reg_shapes = jax.eval_shape(rpn.apply, rpn_vars, outs)
+    roi_vars = jax.eval_shape(roi.init, jax.random.key(0), outs, jnp.zeros((1, 2, 4)))
+    ours = sum(x.size for x in jax.tree.leaves((neck_vars, rpn_vars, roi_vars)))
+    t_neck = tr.FPN(list(dims), start_level=0, add_extra_convs=False)
+    t_heads = [t_neck, tm.RPNHead(), tm.Shared2FCBBoxHead(num_classes), tm.FCNMaskHead(num_classes)]
+    assert sum(p.numel() for m in t_heads for p in m.parameters()) == ours
+    with torch.no_grad():
+        t_cls, t_reg = t_heads[1](t_neck([torch.zeros(1, c, h // s, w // s) for s, c in zip((4, 8, 16, 32), dims)]))
+    nhwc = lambda t: tuple(t.permute(0, 2, 3, 1).shape)  # noqa: E731
+    assert [nhwc(t) for t in t_cls] == [x.shape for x in cls_shapes]
+    assert [nhwc(t) for t in t_reg] == [x.shape for x in reg_shapes]
+
+    sizes = [x.shape[1:3] for x in cls_shapes]
+    anchors = AnchorGenerator(tm.RPN_STRIDES, tr.RATIOS, tm.RPN_SCALES, octave_base_scale=None, scales_per_octave=None)
+    ours_anchors = np.concatenate([np.asarray(a).reshape(-1, 4) for a in anchors.grid_anchors(sizes)])
+    np.testing.assert_array_equal(tr.grid_anchors(sizes, tm.RPN_STRIDES, tm.RPN_SCALES).numpy(), ours_anchors)
+
+    rng = np.random.default_rng(0)
+    rois = np.sort(rng.uniform(-5, 90, (40, 2, 2)), axis=1).reshape(40, 4).astype(np.float32)  # x1 y1 x2 y2
+    deltas = rng.normal(0, 2, (40, 8)).astype(np.float32)  # two classes' deltas, some past wh_ratio_clip
+    stds = (0.1, 0.1, 0.2, 0.2)
+    theirs = tm.decode(torch.from_numpy(rois), torch.from_numpy(deltas), (h, w), stds).numpy()
+    mine = DeltaXYWHBBoxCoder(target_stds=stds).decode(jnp.asarray(rois), jnp.asarray(deltas), max_shape=(h, w))
+    np.testing.assert_allclose(theirs, np.asarray(mine), rtol=1e-6, atol=1e-4)
+
+    probs = rng.uniform(0, 1, (6, 28, 28)).astype(np.float32)
+    boxes = np.array([[3, 4, 50, 40], [10.5, 0.2, 30.7, 63.9], [-4, -3, 20, 15], [60, 30, 99, 70]], np.float32)
+    boxes = np.concatenate([boxes, rois[:2]])
+    t_masks = tm.paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), h, w).numpy()
+    j_masks = np.asarray(paste_masks(jnp.asarray(probs), jnp.asarray(boxes), h, w))
+    print("pasted pixels that differ:", (t_masks != j_masks).mean())
+    assert t_masks.any() and (t_masks != j_masks).mean() < 1e-3, (t_masks != j_masks).mean()
+
+
 def test_detection_benchmark_infer_mode_reports_speed_and_memory():
     import detection
 

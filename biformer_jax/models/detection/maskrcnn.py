@@ -36,7 +36,8 @@ Entry points (stable):
   no pixels in the first row only, a rare case; none occur in the parity data).
 
 Static shapes throughout: padded outputs with counts; RoIs are padded to P per image; the RoI
-extractor computes every level for every RoI (`biformer_jax.detection.roi_align`).
+extractor computes each RoI at its level on a window of the map at its span, in a loop over the
+RoIs (`biformer_jax.detection.roi_align`).
 """
 
 from __future__ import annotations
@@ -375,7 +376,7 @@ def mask_targets(gt_masks: jax.Array, rois: jax.Array, gt_index: jax.Array, mask
     def one(args):
         roi, g = args
         m = jax.lax.dynamic_index_in_dim(gt_masks, g, keepdims=False).astype(jnp.float32)[..., None]
-        return roi_align(m, roi[None], mask_size, 1.0)[0, ..., 0]
+        return roi_align(m, roi[None], mask_size, 1.0, windows=())[0, ..., 0]  # dense: run under vmap
 
     return (jax.lax.map(one, (rois, gt_index)) >= 0.5).astype(jnp.float32)
 

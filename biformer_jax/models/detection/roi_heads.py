@@ -35,9 +35,12 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def extract_roi_features(
     feats: Sequence[jax.Array], rois: jax.Array, output_size: int, strides: Sequence[int], finest_scale: float = 56.0
 ) -> jax.Array:
-    """Per image RoI features: feats per level (N, H_l, W_l, C), rois (N, R, 4) -> (N, R, out, out, C)."""
+    """Per image RoI features: feats per level (N, H_l, W_l, C), rois (N, R, 4) -> (N, R, out, out, C).
+
+    A loop over the images (`lax.map`), not `vmap`: each RoI picks its window with `lax.switch`,
+    which `vmap` would turn into running every branch (biformer_jax.detection.roi_align)."""
     feats = tuple(feats[: len(strides)])
-    return jax.vmap(lambda f, r: multi_level_roi_align(f, r, output_size, strides, finest_scale))(feats, rois)
+    return jax.lax.map(lambda a: multi_level_roi_align(a[0], a[1], output_size, strides, finest_scale), (feats, rois))
 
 
 class Shared2FCBBoxHead(nn.Module):
