@@ -124,7 +124,8 @@ def test_scanned_training_step_is_the_unrolled_one(case, dtype):
         args = (variables["params"], variables["batch_stats"], x, y)
         compiled = at_default_level if dtype == "float64" else at_suite_level
         step = compiled(train_fn(unrolled), *args, jax.random.key(4))
-        scanned_step = compiled(train_fn(scanned), *args, jax.random.key(4))
+        scanned_fn = train_fn(scanned)  # traced once: compiled here, its jaxpr read below
+        scanned_step = compiled(scanned_fn, *args, jax.random.key(4))
         want, got = step(*args, jax.random.key(4)), scanned_step(*args, jax.random.key(4))
         other_draw = step(*args, jax.random.key(7))[0]
 
@@ -166,7 +167,7 @@ def test_scanned_training_step_is_the_unrolled_one(case, dtype):
         # Linear in depth: the weights are stacked and sliced, never picked by lax.switch (a cond
         # whose transpose gives every block's weights a cotangent on every iteration); the
         # only conds are the attention's per-platform choices.
-        text = str(jax.make_jaxpr(train_fn(scanned))(*args, jax.random.key(4)))
+        text = str(jax.make_jaxpr(scanned_fn)(*args, jax.random.key(4)))
         assert text.count("cond[") == text.count("branches_platforms=")
 
 
