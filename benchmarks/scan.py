@@ -6,6 +6,9 @@ and compiled temporary memory, in one process.
     python benchmarks/scan.py
     # the rematerialisation policies of the scanned body (stages.SCAN_REMAT) on one model
     python benchmarks/scan.py --cases=biformer_small --remat=none,dots,nothing
+    # where the compile time goes: the train-mode forward alone, then with its gradients
+    python benchmarks/scan.py --cases=biformer_small --step=forward --rounds=1 --steps=1
+    python benchmarks/scan.py --cases=biformer_small --step=grad --rounds=1 --steps=1
     # a smoke run
     python benchmarks/scan.py --cases=biformer_micro --res=64 --rounds=1 --steps=1
 
@@ -61,9 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--drop_path", type=float, default=0.1, help="classification stochastic depth rate")
     ap.add_argument(
         "--step",
-        choices=("trainer", "plain"),
+        choices=("trainer", "plain", "grad", "forward"),
         default="trainer",
-        help="classification: the trainer's step, or cross entropy + AdamW (no trainer imports: clu, TFDS)",
+        help=(
+            "classification: the trainer's step; cross entropy + AdamW (no trainer imports: clu, TFDS); "
+            "its value and gradients only (no optimizer); its loss only (train-mode forward)"
+        ),
     )
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -87,7 +93,7 @@ class Step(CompiledBench):
 
 
 def classification_steps(name: str, args, variants: dict[str, dict]) -> dict[str, Step]:
-    if args.step == "plain":
+    if args.step != "trainer":
         return plain_steps(name, args, variants)
     import throughput  # benchmarks/throughput.py: the trainer (clu, TFDS, ml_collections)
 
@@ -123,6 +129,35 @@ def plain_train_step(state, images, labels, key, *, model, tx):
     return (optax.apply_updates(params, upd), updates["batch_stats"], opt_state), loss
 
 
+def grad_step(state, images, labels, key, *, model, tx):
+    """`plain_train_step` without the optimizer: the loss and its gradients, state unchanged."""
+    del tx
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+        rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return state, jax.value_and_grad(loss_fn)(params)
+
+
+def forward_step(state, images, labels, key, *, model, tx):
+    """`plain_train_step`'s train-mode forward and loss only, state unchanged."""
+    del tx
+    params, batch_stats, _ = state
+    rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
+    logits, _ = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
+    )
+    return state, optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+PLAIN_STEPS = {"plain": plain_train_step, "grad": grad_step, "forward": forward_step}
+
+
 def plain_steps(name: str, args, variants: dict[str, dict]) -> dict[str, Step]:
     model = models.create_model(name, drop_path_rate=args.drop_path)
     rng = np.random.default_rng(0)
@@ -142,7 +177,7 @@ def plain_steps(name: str, args, variants: dict[str, dict]) -> dict[str, Step]:
     key = jax.random.key(1)
     out = {}
     for label, kw in variants.items():
-        bound = functools.partial(plain_train_step, model=model.clone(**kw), tx=tx)
+        bound = functools.partial(PLAIN_STEPS[args.step], model=model.clone(**kw), tx=tx)
         fn = jax.jit(bound, donate_argnums=0)
         out[label] = Step(fn, state, images, labels, key)
     return out
