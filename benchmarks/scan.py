@@ -114,17 +114,20 @@ def classification_steps(name: str, args, variants: dict[str, dict]) -> dict[str
     return out
 
 
+def plain_loss(params, batch_stats, images, labels, key, model):
+    """The plain steps' loss: the train-mode forward (dropout and drop path drawn from `key`) and
+    cross entropy; with the BatchNorm updates."""
+    rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
+    variables = {"params": params, "batch_stats": batch_stats}
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+
 def plain_train_step(state, images, labels, key, *, model, tx):
     """Cross entropy, gradients, AdamW: the trainer's step without mixup and EMA."""
     params, batch_stats, opt_state = state
-
-    def loss_fn(params):
-        rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
-        variables = {"params": params, "batch_stats": batch_stats}
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
-
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_fn = jax.value_and_grad(plain_loss, has_aux=True)
+    (loss, updates), grads = grad_fn(params, batch_stats, images, labels, key, model)
     upd, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, upd), updates["batch_stats"], opt_state), loss
 
@@ -132,27 +135,16 @@ def plain_train_step(state, images, labels, key, *, model, tx):
 def grad_step(state, images, labels, key, *, model, tx):
     """`plain_train_step` without the optimizer: the loss and its gradients, state unchanged."""
     del tx
-    params, batch_stats, opt_state = state
-
-    def loss_fn(params):
-        rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
-        logits, _ = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return state, jax.value_and_grad(loss_fn)(params)
+    params, batch_stats, _ = state
+    (loss, _), grads = jax.value_and_grad(plain_loss, has_aux=True)(params, batch_stats, images, labels, key, model)
+    return state, (loss, grads)
 
 
 def forward_step(state, images, labels, key, *, model, tx):
     """`plain_train_step`'s train-mode forward and loss only, state unchanged."""
     del tx
     params, batch_stats, _ = state
-    rngs = {"dropout": key, "drop_path": jax.random.fold_in(key, 1)}
-    logits, _ = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
-    )
-    return state, optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return state, plain_loss(params, batch_stats, images, labels, key, model)[0]
 
 
 PLAIN_STEPS = {"plain": plain_train_step, "grad": grad_step, "forward": forward_step}
