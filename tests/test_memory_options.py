@@ -85,13 +85,13 @@ def test_bf16_compute_keeps_float32_state_and_logits():
     assert model_16.dtype == jnp.bfloat16
     variables = _small_variables(model_32)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
-    logits_32 = model_32.apply(variables, x)
-    logits_16, updates = model_16.apply(variables, x, train=True, mutable=["batch_stats"])
+    logits_32 = jax.jit(model_32.apply)(variables, x)  # jitted: eager ops would compile one program each
+    logits_16, updates = jax.jit(lambda v, x: model_16.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
     assert logits_16.dtype == jnp.float32
     leaves = jax.tree_util.tree_leaves_with_path(updates)
     not_32 = {jax.tree_util.keystr(p): str(v.dtype) for p, v in leaves if v.dtype not in (np.float32, np.int32)}
     assert not not_32, not_32  # BatchNorm statistics stay float32 under bf16 compute
-    logits_16_eval = model_16.apply(variables, x)
+    logits_16_eval = jax.jit(model_16.apply)(variables, x)
     rel = float(jnp.linalg.norm(logits_16_eval - logits_32) / jnp.linalg.norm(logits_32))
     assert 0 < rel < 0.05, rel  # bf16 really used (not 0), and close
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from support import xla_flags
+from support import train_testlib, xla_flags
 
 from biformer_jax import data, models, tasks
 from biformer_jax.models import biformer, stages
@@ -47,22 +47,6 @@ def build(name, overrides, **kw):
     if name == "batchnorm_biformer":
         return BatchNormBiFormer(**{**biformer.BIFORMER_VARIANTS["biformer_micro"], **overrides, **kw})
     return models.create_model(name, **overrides, **kw)
-
-
-def random_variables(model, x, seed):
-    """Weights of `model`'s shapes: small normal noise, positive running variances, zero counts."""
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(abstract)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-
-    def fill(key, path, s):
-        if not jnp.issubdtype(s.dtype, jnp.floating):
-            return jnp.zeros(s.shape, s.dtype)
-        if "var" in jax.tree_util.keystr(path):
-            return jax.random.uniform(key, s.shape, s.dtype, 0.5, 1.5)
-        return 0.2 * jax.random.normal(key, s.shape, s.dtype)
-
-    return jax.tree.unflatten(tree, [fill(k, p, s) for k, (p, s) in zip(keys, leaves)])
 
 
 def train_fn(model):
@@ -120,7 +104,7 @@ def test_scanned_training_step_is_the_unrolled_one(case, dtype):
         scanned = build(name, overrides, num_classes=5, dtype=dt, param_dtype=dt, scan_blocks=True)
         x = jax.random.normal(jax.random.key(1), (4, *hw, 3), dt)
         y = jax.random.normal(jax.random.key(2), (4, 5), dt)
-        variables = random_variables(unrolled, x, seed=3)
+        variables = train_testlib.random_variables(unrolled, seed=3, image_size=hw, scale=0.2)
         args = (variables["params"], variables["batch_stats"], x, y)
         compiled = at_default_level if dtype == "float64" else at_suite_level
         step = compiled(train_fn(unrolled), *args, jax.random.key(4))

@@ -146,7 +146,8 @@ def test_predict_writes_the_models_argmax_and_blends_the_overlay(tmp_path, mini_
     view = seg_transforms.test_view(
         image, config.eval.scale, 1.0, config.eval.size_divisor, config.data.mean, config.data.std
     )  # (64, 96, 3): the shorter side to 64, then multiples of 32
-    logits = model.apply(variables, jnp.asarray(view)[None], train=False).astype(jnp.float32)  # (1, 16, 24, K)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))  # one compile, not one per eager op
+    logits = apply(variables, jnp.asarray(view)[None]).astype(jnp.float32)  # (1, 16, 24, K)
     logits = np.asarray(resize_bilinear(resize_bilinear(logits, view.shape[:2]), image.shape[:2]))[0]  # (44, 58, K)
     top2 = np.sort(logits, axis=-1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 1e-4  # rounding may only decide near-ties

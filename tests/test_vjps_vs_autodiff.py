@@ -12,6 +12,8 @@ in float32 by design).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,17 +53,21 @@ def assert_vjp_matches(custom, reference, args, dtype, *, diff_argnums=None, see
         return f
 
     diff = [args[i] for i in diff_argnums]
-    out_c, vjp_c = jax.vjp(restrict(custom), *diff)
-    out_r, vjp_r = jax.vjp(restrict(reference), *diff)
-    leaves = jax.tree.leaves(out_r)
+    shapes = jax.eval_shape(restrict(reference), *diff)
     rng = np.random.default_rng(seed)
-    cot = jax.tree.unflatten(
-        jax.tree.structure(out_r), [jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in leaves]
-    )
+    cot = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), shapes)
+
+    @functools.partial(jax.jit, static_argnums=0)  # one program each: eager ops would compile one per op
+    def outputs_and_grads(fn, diff, cot):
+        out, vjp = jax.vjp(restrict(fn), *diff)
+        return out, vjp(cot)
+
+    out_c, grads_c = outputs_and_grads(custom, diff, cot)
+    out_r, grads_r = outputs_and_grads(reference, diff, cot)
+    leaves = jax.tree.leaves(out_r)
     for a, b in zip(jax.tree.leaves(out_c), leaves):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         assert rel_l2(a, b) < BOUND[dtype], ("output", rel_l2(a, b))
-    grads_c, grads_r = vjp_c(cot), vjp_r(cot)
     errors = [rel_l2(a, b) for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_r))]
     assert len(errors) == len(jax.tree.leaves(grads_r)) > 0
     assert max(errors) < BOUND[dtype], errors

@@ -33,10 +33,12 @@ def enable_compilation_cache() -> str:
     return _CACHE_DIR
 
 
-def random_variables(model, seed: int = 0) -> dict:
-    """Weights of the model's shapes filled with numpy noise: a "pretrained" checkpoint without a compile."""
+def random_variables(model, seed: int = 0, *, image_size=32, scale: float = 0.1) -> dict:
+    """Weights of the model's shapes (at `image_size`, H or (H, W)) filled with numpy noise, normal
+    with std `scale` (running variances uniform in [0.5, 1.5]): a "pretrained" checkpoint without
+    a compile (one eager jax.random call per array would compile a program for each)."""
     rng = np.random.default_rng(seed)
-    abstract = from_config.abstract_variables(model, 32)
+    abstract = from_config.abstract_variables(model, image_size)
 
     def fill(path, s):
         name = jax.tree_util.keystr(path)
@@ -44,7 +46,7 @@ def random_variables(model, seed: int = 0) -> dict:
             return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
         if not np.issubdtype(s.dtype, np.floating):  # num_batches_tracked
             return np.zeros(s.shape, s.dtype)
-        return (0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
+        return (scale * rng.standard_normal(s.shape)).astype(s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
