@@ -105,12 +105,14 @@ def test_official_options_agree_with_a_reference_path_and_train(overrides):
     assert ref_logits.shape == (2, 5) and float(jnp.std(ref_logits)) > 1e-3  # not a constant output
     _, logits, train_out, grads = run("gather", "shift", variables)
     assert _rel(logits, ref_logits) < 1e-5 and _rel(train_out, ref_train) < 1e-5
+    # on the host: eager jnp here would compile a program per gradient shape
+    ref_grads, grads = jax.tree.map(np.asarray, ref_grads), jax.tree.map(np.asarray, grads)
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
-    scale = max(float(jnp.abs(g).max()) for g in flat_ref.values())
+    scale = max(float(np.abs(g).max()) for g in flat_ref.values())
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        err = float(jnp.abs(g - flat_ref[path]).max())
+        err = float(np.abs(g - flat_ref[path]).max())
         assert err <= 1e-5 * scale, (jax.tree_util.keystr(path), err, scale)
-    norms = jax.tree_util.tree_map(lambda g: float(jnp.linalg.norm(g)), ref_grads)
+    norms = jax.tree_util.tree_map(lambda g: float(np.linalg.norm(g)), ref_grads)
     assert all(np.isfinite(v) for v in jax.tree_util.tree_leaves(norms))
     # Every stage's token mixer learns (no dead branch).
     for i in range(4):
