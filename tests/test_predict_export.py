@@ -75,22 +75,19 @@ def _run(args, timeout=600):
     )
 
 
-_APPLY = {}  # id(model) -> (model, its jitted inference apply): one compile per model, not one per eager op
-
-
-def _apply(model):
-    if id(model) not in _APPLY:
-        _APPLY[id(model)] = (model, jax.jit(lambda v, x: model.apply(v, x, train=False)))
-    return _APPLY[id(model)][1]
-
-
-def _expected_top5(loaded, path):
-    x = inference.preprocess(inference.read_image(str(path)), loaded.preprocess)[None]  # (1, 32, 32, 3)
-    logits = np.asarray(_apply(loaded.model)(loaded.variables, x))[0].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")[:5]
-    return [loaded.class_names[i] for i in order], probs[order]
+def _expected_top5(loaded, paths):
+    """[(top-5 labels, their probabilities)] per image path, from model.apply (jitted once: op by
+    op, every eager op would compile a program of its own)."""
+    apply = jax.jit(lambda v, x: loaded.model.apply(v, x, train=False))
+    expected = []
+    for path in paths:
+        x = inference.preprocess(inference.read_image(str(path)), loaded.preprocess)[None]  # (1, 32, 32, 3)
+        logits = np.asarray(apply(loaded.variables, x))[0].astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")[:5]
+        expected.append(([loaded.class_names[i] for i in order], probs[order]))
+    return expected
 
 
 def test_checkpoint_records_its_data(workdir):
@@ -109,8 +106,7 @@ def test_predict_json_on_folder_and_glob_with_odd_size(workdir, images):
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["path"] for r in records] == sorted(str(p) for p in paths) + [str(paths[2])]
     loaded = inference.load(str(workdir))
-    for r in records:
-        labels, probs = _expected_top5(loaded, r["path"])
+    for r, (labels, probs) in zip(records, _expected_top5(loaded, [r["path"] for r in records])):
         assert set(r) == {"path", "labels", "probabilities", "classes"}
         assert r["labels"] == labels and [loaded.class_names[c] for c in r["classes"]] == labels
         np.testing.assert_allclose(r["probabilities"], probs, rtol=1e-4, atol=1e-6)
@@ -127,7 +123,7 @@ def test_predict_csv_names_an_unreadable_image_and_exits_1(workdir, images, tmp_
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split(",") == ["path"] + [f"{c}_{i}" for i in (1, 2, 3) for c in ("label", "probability", "class")]
     assert len(lines) == 2 and lines[1].split(",")[0] == str(paths[0])  # the readable image is still classified
-    labels, probs = _expected_top5(inference.load(str(workdir)), paths[0])
+    [(labels, probs)] = _expected_top5(inference.load(str(workdir)), [paths[0]])
     row = lines[1].split(",")
     assert row[1::3] == labels[:3]
     np.testing.assert_allclose([float(v) for v in row[2::3]], probs[:3], rtol=1e-4, atol=1e-6)
@@ -180,7 +176,7 @@ def test_stablehlo_round_trip_and_standalone_loader(workdir, images, tmp_path):
     for n, want in zip((1, 3), common.reference_outputs(loaded, x)):
         assert common.relative_error(np.load(tmp_path / f"y{n}.npy"), want) <= 1e-6
     [classified] = json.loads(proc.stdout.strip().splitlines()[-1])
-    labels, probs = _expected_top5(loaded, images[1][1])  # the odd-size image, preprocessed by the loader
+    [(labels, probs)] = _expected_top5(loaded, [images[1][1]])  # the odd-size image, preprocessed by the loader
     assert classified["labels"] == labels
     np.testing.assert_allclose(classified["probabilities"], probs, rtol=1e-4, atol=1e-6)
 
