@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 from support import train_testlib
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from biformer_jax import data, models, tasks
 from biformer_jax.convert import files as convert_files
@@ -39,6 +41,21 @@ def test_train_and_evaluate_writes_metrics_checkpoints_and_eval(tmp_path, micro_
         for key in ("train/loss", "train/learning_rate", "train/grad_norm", "train/img_per_sec"):
             assert np.isfinite(r[key]), (step, key, r)
     assert {"eval/top1", "eval_ema/top1"} <= set(records[2]) and {"eval/top1", "eval_ema/top1"} <= set(records[4])
+    # TensorBoard (its own reader): every scalar of metrics.jsonl, as float32, and the hyperparameters.
+    (events,) = [p for p in workdir.iterdir() if p.name.startswith("events.out.tfevents.")]
+    board = event_accumulator.EventAccumulator(str(events), size_guidance={event_accumulator.TENSORS: 0})
+    board.Reload()
+    scalars = {
+        (e.step, tag): float(tensor_util.make_ndarray(e.tensor_proto))
+        for tag in board.Tags()["tensors"]
+        if board.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+        for e in board.Tensors(tag)
+    }
+    want = {(step, k): np.float32(v) for step, r in records.items() for k, v in r.items() if k != "step"}
+    assert scalars == want
+    assert {"steps_per_sec", "uptime"} <= {k for _, k in scalars}  # the progress reports, at the last step
+    hparams = board.SummaryMetadata("_hparams_/session_start_info").plugin_data
+    assert hparams.plugin_name == "hparams" and b"biformer_micro" in hparams.content
     # Checkpoints every 2 steps (retention: the next test), complete and loadable by eval.
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4]
@@ -67,6 +84,14 @@ def test_the_trainer_keeps_the_last_and_the_best_checkpoints_it_is_told_to(tmp_p
     best = sorted(losses, key=losses.get)[:3]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == sorted({6, *best}), (steps, losses)
+
+
+def test_the_trainer_starts_without_tensorflow():
+    """train.py's imports (the trainer, its writers, the tasks) leave TensorFlow unloaded: it takes
+    seconds to import, and only TFDS datasets and gs:// paths need it."""
+    code = "import sys, train; assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=train_testlib.ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def _converter_meta(**model_kwargs) -> dict:

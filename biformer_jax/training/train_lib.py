@@ -28,11 +28,11 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
 from biformer_jax.models import from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.training import checkpoint, preemption, restore, sharding, writers
+from biformer_jax.training import checkpoint, preemption, progress, restore, sharding, writers
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
 
@@ -217,11 +217,19 @@ def train_and_evaluate(config, workdir: str, task) -> dict[str, float]:
 
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:
-    mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
     state = initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task, meta=run.meta)
-    first_step = int(jax.device_get(state.step))
 
     writer = writers.create_writer(workdir, process_index=jax.process_index())
+    try:
+        return _steps(config, workdir, run, manager, best_metric, watcher, state, writer)
+    finally:
+        writer.close()  # also when a step fails or the run is preempted: the event file is complete
+
+
+def _steps(config, workdir, run: Setup, manager, best_metric, watcher, state, writer) -> dict[str, float]:
+    """Trains from `state`'s step to the last one, logging, evaluating and checkpointing as configured."""
+    mesh, batch, total_steps = run.mesh, config.global_batch_size, run.total_steps
+    first_step = int(jax.device_get(state.step))
     logging.info(
         "%s: %s parameters, %d steps (%d per epoch), global batch %d, lr %.3g, mesh %s.",
         config.model,
@@ -245,7 +253,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
     log_every = _every(config.log_every_steps, run.steps_per_epoch)
     eval_every = _every(config.eval_every_steps, run.steps_per_epoch)
     ckpt_every = _every(config.checkpoint.every_steps, run.steps_per_epoch)
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    reporter = progress.ReportProgress(num_train_steps=total_steps, writer=writer)
 
     collected, since, last_good, t0 = None, 0, first_step, time.perf_counter()
     eval_metrics: dict[str, float] = {}
@@ -254,7 +262,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
             state, m = train_step(state, sharding.global_batch(next(train_iter), mesh))
         collected = m if collected is None else collected.merge(m)
         since += 1
-        progress(step)
+        reporter(step)
         last = step == total_steps
         preempted = watcher.reached(step) and not last  # SIGTERM: log and save this step, then stop
         do_eval, do_ckpt = step % eval_every == 0 or last, step % ckpt_every == 0 or last or preempted
@@ -277,7 +285,7 @@ def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, wat
         collected, since, last_good = None, 0, step
         eval_metrics = {}
         if do_eval:
-            with progress.timed("eval"):
+            with reporter.timed("eval"):
                 evals = {"eval": state.variables}
                 if state.has_ema:
                     evals["eval_ema"] = state.ema_variables
