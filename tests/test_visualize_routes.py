@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from support import train_testlib
 
 from biformer_jax import models
 from biformer_jax.convert.files import save_converted
@@ -19,7 +20,10 @@ SIZE = (72, 80)  # not a multiple of the region grid at stage 1 or 2: auto_pad a
 
 
 def _setup(name):
-    loaded = inputs.random_model(name, seed=3)
+    """The model with numpy-noise weights (its init compiles slowly: DeBiFormer-micro's 19 s in
+    the suite), an image of SIZE and its normalised batch."""
+    model = inputs.build_model(name)
+    loaded = inputs.Loaded(model, train_testlib.random_variables(model, seed=3), name, f"{name} (noise)")
     image = (np.asarray(jax.random.uniform(jax.random.key(4), (*SIZE, 3))) * 255).astype(np.uint8)
     x = inputs.normalize(image[None], inputs.IMAGENET_MEAN, inputs.IMAGENET_STD)
     return loaded, image, x
