@@ -67,8 +67,12 @@ def train_fn(model):
 
 def at_default_level(jitted, *args):
     """`jitted` compiled once for `args` at XLA's default backend level, not the suite's -O0
-    (support/xla_flags.py): at -O0 XLA:CPU computes the two float64 DeBiFormer programs 8.6e-9
-    apart (measured, c2b98a4), at its default level within the 1e-12 bound."""
+    (support/xla_flags.py), for DeBiFormer in float64. Measured (2-core CPU, jax 0.10.2, the two
+    programs' largest gradient difference per backend level): -O0 5.7e-9, -O1 4.1e-9, -O2 5.7e-17,
+    -O3 5.8e-17; at -O0 the loss and the BatchNorm statistics are bit-identical and only the
+    gradients (largest in the early layers) differ, which fits a backward that meets a kink (such
+    as the deformable sampling's floor) on different sides; not pinned down. BiFormer's float64
+    programs agree at -O0 (4.4e-17) and compile there (25.7 s of CPU against 41.9 s at -O3)."""
     return jitted.lower(*args).compile(xla_flags.DEFAULT_BACKEND_LEVEL)
 
 
@@ -106,7 +110,7 @@ def test_scanned_training_step_is_the_unrolled_one(case, dtype):
         y = jax.random.normal(jax.random.key(2), (4, 5), dt)
         variables = train_testlib.random_variables(unrolled, seed=3, image_size=hw, scale=0.2)
         args = (variables["params"], variables["batch_stats"], x, y)
-        compiled = at_default_level if dtype == "float64" else at_suite_level
+        compiled = at_default_level if (case, dtype) == ("debiformer", "float64") else at_suite_level
         step = compiled(train_fn(unrolled), *args, jax.random.key(4))
         scanned_fn = train_fn(scanned)  # traced once: compiled here, its jaxpr read below
         scanned_step = compiled(scanned_fn, *args, jax.random.key(4))
