@@ -148,14 +148,16 @@ def test_auto_pad_any_size_features(shape):
 def test_drop_path_and_batchnorm_modes():
     model = models.create_model("biformer_micro", drop_path_rate=0.5)
     variables, x = init(model)
-    eval1 = model.apply(variables, x, train=False)
-    np.testing.assert_array_equal(eval1, model.apply(variables, x, train=False))
+    evaluate = jax.jit(lambda v: model.apply(v, x, train=False))  # jitted: op by op compiles each op
+    eval1 = evaluate(variables)
+    np.testing.assert_array_equal(eval1, evaluate(variables))
+
+    @jax.jit
+    def train_step(key):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"drop_path": key})
 
     def train(seed):
-        out, upd = model.apply(
-            variables, x, train=True, mutable=["batch_stats"], rngs={"drop_path": jax.random.key(seed)}
-        )
-        return out, upd
+        return train_step(jax.random.key(seed))
 
     a, upd = train(1)
     b, _ = train(2)
@@ -165,7 +167,7 @@ def test_drop_path_and_batchnorm_modes():
     before, after = variables["batch_stats"]["norm"], upd["batch_stats"]["norm"]
     assert not np.allclose(before["mean"], after["mean"])
     assert int(after["num_batches_tracked"]) == 1
-    moved = model.apply({**variables, **upd}, x, train=False)
+    moved = evaluate({**variables, **upd})
     assert not np.allclose(moved, eval1)
 
 
