@@ -49,7 +49,7 @@ def test_command_line_converts_a_real_pth(tmp_path, layout, capsys):
     for k, v in expected.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
     x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
-    assert np.isfinite(model.apply(variables, x)).all()
+    assert np.isfinite(jax.jit(model.apply)(variables, x)).all()  # jitted: op by op compiles each op
 
 
 def test_command_line_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
