@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from support import required
+from support import required, train_testlib
 
 from biformer_jax import models
 from biformer_jax.models.from_config import model_from_config
@@ -69,7 +69,7 @@ def micro_groups():
     """biformer_micro with bn_group_size 2: its variables, a batch of 8 and one train-mode step fn."""
     model = models.create_model("biformer_micro", num_classes=5, bn_group_size=2)
     x = jax.random.normal(jax.random.key(1), (8, 64, 64, 3)) * 2.0 + jnp.arange(8.0)[:, None, None, None]
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = train_testlib.random_variables(model, image_size=64)  # numpy noise: no init to compile
 
     def forward(variables, x):
         return model.apply(variables, x, train=True, mutable=["batch_stats"])
