@@ -29,6 +29,13 @@ def init(model, shape=(2, 64, 64, 3), seed=0):
     return jax.jit(model.init)(jax.random.key(seed), x), x
 
 
+def noise(model, shape=(2, 64, 64, 3), seed=0):
+    """Like `init`, with numpy-noise weights (no init program to compile), for tests where any
+    weights do."""
+    x = jax.random.normal(jax.random.key(seed + 1), shape)
+    return train_testlib.random_variables(model, seed, image_size=shape[1:3]), x
+
+
 @pytest.mark.parametrize(
     "name, count",
     [("biformer_tiny", 13_142_760), ("biformer_small", 25_536_232), ("biformer_base", 56_804_968)],
@@ -41,7 +48,7 @@ def test_official_parameter_counts(name, count):
 
 def test_micro_forward_routes_and_features():
     model = models.create_model("biformer_micro", num_classes=7)
-    variables, x = init(model)
+    variables, x = noise(model)
     apply = jax.jit(lambda v, x: model.apply(v, x, return_features=True, mutable=["intermediates"]))
     (logits, feats), inter = apply(variables, x)
     assert logits.shape == (2, 7) and np.isfinite(logits).all()
@@ -122,7 +129,7 @@ def test_official_options_agree_with_a_reference_path_and_train(overrides):
 def test_routing_gradients_follow_diff_routing():
     kw = dict(MICRO, n_win=2, topks=(2, 2, 2, -2), param_routing=True, diff_routing=True, soft_routing=True)
     model = models.create_model("biformer", **kw)
-    variables, x = init(model)
+    variables, x = noise(model)
 
     def loss(params):
         return jnp.sum(model.apply({**variables, "params": params}, x) ** 2)
@@ -134,7 +141,7 @@ def test_routing_gradients_follow_diff_routing():
 @pytest.mark.parametrize("shape", [(1, 100, 130, 3), (2, 65, 47, 3)])
 def test_auto_pad_any_size_features(shape):
     model = models.create_model("biformer_micro", auto_pad=True, features_only=True)
-    variables, x = init(model, shape)
+    variables, x = noise(model, shape)
     feats = jax.jit(model.apply)(variables, x)
     h, w = shape[1:3]
     for i, f in enumerate(feats):
@@ -147,7 +154,7 @@ def test_auto_pad_any_size_features(shape):
 
 def test_drop_path_and_batchnorm_modes():
     model = models.create_model("biformer_micro", drop_path_rate=0.5)
-    variables, x = init(model)
+    variables, x = noise(model)
     evaluate = jax.jit(lambda v: model.apply(v, x, train=False))  # jitted: op by op compiles each op
     eval1 = evaluate(variables)
     np.testing.assert_array_equal(eval1, evaluate(variables))
@@ -189,7 +196,7 @@ def test_implementation_choices_agree():
     outs = {}
     for dw in ("conv", "shift"):
         model = models.create_model("biformer", dwconv_impl=dw, **base)
-        variables, x = init(model)
+        variables, x = noise(model)
         outs[dw] = model.apply(variables, x)
     np.testing.assert_allclose(outs["conv"], outs["shift"], rtol=1e-5, atol=1e-5)
 
