@@ -149,9 +149,11 @@ def test_create_model_routes_overrides_and_rejects_unknown_ones():
 def test_backbone_initialises_from_a_classifier():
     from biformer_jax.models.segmentation import init_backbone_from_classifier
 
-    x = jnp.zeros((1, 64, 64, 3))
-    classifier = jax.jit(models.create_model("biformer_micro").init)(jax.random.key(0), x)
-    seg = jax.jit(models.create_model("sfpn_biformer_micro").init)(jax.random.key(1), x)
+    def weights(model, seed):  # numpy noise, a different draw per model: no init to compile
+        return train_testlib.random_variables(model, seed=seed, image_size=64)
+
+    classifier = weights(models.create_model("biformer_micro"), 0)
+    seg = weights(models.create_model("sfpn_biformer_micro"), 1)
     out, loaded, fresh = init_backbone_from_classifier(seg, classifier)
     assert any(p.startswith("params/backbone/stages_2_1/attn/") for p in loaded)
     assert "batch_stats/backbone/downsample_layers_0/1/mean" in loaded
@@ -167,7 +169,7 @@ def test_backbone_initialises_from_a_classifier():
         np.testing.assert_array_equal(flat[path], before[path], err_msg=path)
     other = models.create_model("biformer_micro", embed_dim=(16, 32, 64, 64), qk_dims=(16, 32, 64, 64))
     with pytest.raises(ValueError, match="stages_3_0"):
-        init_backbone_from_classifier(seg, jax.jit(other.init)(jax.random.key(0), x))
+        init_backbone_from_classifier(seg, weights(other, 2))
 
 
 # --- the mmseg key layout and the converter --------------------------------------------
