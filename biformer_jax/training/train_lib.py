@@ -271,7 +271,6 @@ def _steps(config, workdir, run: Setup, manager, best_metric, watcher, state, wr
         computed = collected.compute()  # waits for the steps so far
         elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
         if computed["nonfinite"] > 0:
-            writer.flush()
             raise NonFiniteLossError(
                 f"Stopped: the loss or gradient became NaN/inf between steps {last_good + 1} and {step} "
                 f"(those updates were not applied). The last good checkpoint "
@@ -298,9 +297,7 @@ def _steps(config, workdir, run: Setup, manager, best_metric, watcher, state, wr
                 manager, state, step=step, meta=run.meta, metrics=eval_metrics if best_metric in eval_metrics else None
             )
         if preempted:
-            writer.flush()
             raise preemption.Preempted(step)  # train_and_evaluate waits for the save
-    writer.flush()
     return eval_metrics
 
 
