@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 
-# `jax.jit(f).lower(...).compile(DEFAULT_BACKEND_LEVEL)`: one program at XLA's default level (3).
-DEFAULT_BACKEND_LEVEL = {"xla_backend_optimization_level": 3}
+# `jax.jit(f).lower(...).compile(FUSION_EMITTERS)`: one program at -O0 with XLA:CPU's default
+# (fusion) emitters; `DEFAULT_BACKEND_LEVEL`: with XLA's defaults altogether (level 3 too).
+FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
+DEFAULT_BACKEND_LEVEL = {"xla_backend_optimization_level": 3, **FUSION_EMITTERS}
 
 
 def xla_flags_for(num_devices: int) -> str:
