@@ -10,7 +10,9 @@ again for most programs: process CPU of `.lower().compile()` at -O0, 2-core mach
 each (scratch probe): BiFormer micro train-mode gradient 11.2 / 8.4 s -> 4.5 / 3.9 s, its forward
 3.1 / 2.2 -> 1.1 / 1.0 s, DeBiFormer micro's gradient 36.5 / 36.9 -> 21.9 / 22.2 s, BiFormer-T's
 224 forward 3.9 / 3.6 -> 3.1 / 2.3 s; the compiled programs ran as fast (within the probe's
-noise). The legacy emitters are XLA's own, numerically the same definitions (no fast-math).
+noise). Neither enables fast-math, and the float32 checks pass under both; but float64 training
+gradients differ between them by up to ~2e-7 of the largest (test_scan_training's
+`with_fusion_emitters`), so a check of float64 exactness compiles with FUSION_EMITTERS.
 
 `BIFORMER_TEST_XLA_OPT=default` keeps XLA's defaults, both of them (for a run that checks the compiler).
 """
