@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_accelerator_benchmark_smoke(tmp_path):
-    """Over 60 s in the suite (about 75 s): one benchmark process that compiles each smoke
+    """About 35-60 s in the suite: one benchmark process that compiles each smoke
     model's train step and forward (Pallas kernels in interpret mode) and writes its JSON."""
     env = {**os.environ, "XLA_FLAGS": xla_flags.xla_flags_for(1)}  # one CPU device, as on a GPU host
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--smoke", f"--out={tmp_path}"]

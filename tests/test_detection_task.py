@@ -70,7 +70,7 @@ def micro_config(root, **overrides):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, det_root):
-    """The module's uninterrupted RetinaNet run, shared by its tests. About 60 s in the suite:
+    """The module's uninterrupted RetinaNet run, shared by its tests. About 40-60 s in the suite:
     the micro detector's train step and evaluation compile once each."""
     workdir = tmp_path_factory.mktemp("det_run") / "straight"
     config = micro_config(det_root)

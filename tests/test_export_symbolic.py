@@ -61,7 +61,7 @@ def _round_trip(tmp_path, loaded, sizes, checked=((32, 32), (28, 42), (13, 19)),
 
 
 def test_auto_pad_biformer_exports_with_symbolic_size(tmp_path):
-    """About 60 s in the suite: a symbolic-size artifact compiles per call shape (as for
+    """About 35-55 s in the suite: a symbolic-size artifact compiles per call shape (as for
     DeBiFormer below, more slowly than a fixed-size one), here at 4 sizes x 2 batches."""
     loaded = _loaded(tmp_path, "biformer_micro", auto_pad=True)
     spec, _ = _round_trip(tmp_path, loaded, [(97, 131)])
@@ -70,13 +70,14 @@ def test_auto_pad_biformer_exports_with_symbolic_size(tmp_path):
 
 
 def test_debiformer_exports_with_symbolic_size(tmp_path, monkeypatch):
-    """Over 60 s (2-5 min in the suite): DeBiFormer's artifact with symbolic height and width
-    holds ~42,000 StableHLO ops (~6,300 at a fixed size), and each call shape takes ~16 s on an
-    idle 2-core machine, 30-45 s beside another worker: ~13 s of it jax's refinement of the
-    symbolic shapes (`mlir.refine_polymorphic_shapes`), ~2.6 s XLA, against ~3 s for a fixed-size
-    artifact. So DeBiFormer is called at 3 shapes, each a different case: the exporter's check at
-    the image size (no region padding) at batch 1 and 3, and the standalone loader at an odd
-    size (21x27) at batch 3 (BiFormer's test above runs the whole matrix of sizes and batches)."""
+    """Over 60 s (85-95 s alone): DeBiFormer's artifact with symbolic height
+    and width holds ~63,000 MLIR operations, and each call shape takes 20-25 s of CPU on an idle
+    2-core machine, 12-15 s of it jax's refinement of the symbolic shapes
+    (`mlir.refine_polymorphic_shapes`), against ~3 s for a fixed-size artifact. So DeBiFormer is
+    called at 3 shapes, each a different case: the exporter's check at the image size (no region
+    padding) at batch 1 and 3, and the standalone loader at an odd size (21x27) at batch 3
+    (BiFormer's test above runs the whole matrix of sizes and batches). In the suite it has taken
+    2-6 min beside the other worker."""
     monkeypatch.setattr(stablehlo_export, "check_sizes", lambda s, m: [(32, 32)])
     loaded = _loaded(tmp_path, "debiformer_micro")
     _round_trip(tmp_path, loaded, [(21, 27)], checked=((32, 32),), batches=(3,))  # the loader's call
@@ -136,7 +137,7 @@ def test_region_padding_traces_with_symbolic_dims():
 
 
 def test_debiformer_to_onnx_names_the_op_it_cannot_express_and_converts_with_xla_ties(tmp_path):
-    """Over 60 s in the suite (about 65 s): the refused conversion traces DeBiFormer, the second
+    """Over 60 s in the suite (about 75 s): the refused conversion traces DeBiFormer, the second
     converts it and checks the ONNX model against model.apply at batch 1 and 3."""
     required.onnxruntime()
     from biformer_jax.export import onnx as onnx_export

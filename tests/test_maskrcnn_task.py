@@ -42,7 +42,7 @@ FLAGS = {
 def trained(tmp_path_factory):
     """The module's one Mask R-CNN run (train, eval with box and mask AP), shared by its tests.
 
-    Over 60 s in the suite (about 100 s): a micro Mask R-CNN's train step (RPN, sampled RoIs,
+    Over 60 s in the suite (about 85 s): a micro Mask R-CNN's train step (RPN, sampled RoIs,
     box and mask heads, forward and backward) and its evaluation compile once each."""
     root = synthetic.write_synthetic_coco(
         str(tmp_path_factory.mktemp("mask") / "coco"),

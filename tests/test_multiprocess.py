@@ -86,8 +86,8 @@ def _final_line(log) -> dict:
 
 
 def test_two_processes_preempted_resume_and_equal_one_process(tmp_path):
-    """Over 60 s (about 2.5 min in the suite): five train.py processes (one single, two pairs),
-    each starting jax and TensorFlow and compiling the step, and the pairs train in lockstep
+    """Over 60 s (about 1.5-2 min in the suite): five train.py processes (one single, two pairs),
+    each starting jax and compiling the step, and the pairs train in lockstep
     over gloo; one process pair cannot stand in for another (the preemption needs both)."""
     single = tmp_path / "single"
     sp.run(sp.train_flags(single, **EPS), sp.env(2), tmp_path / "single.log")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # a few train.py runs of the micro model (compile
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """The uninterrupted run's per-step losses (a train.py process: about 60 s in the suite,
+    """The uninterrupted run's per-step losses (a train.py process: about 25-30 s in the suite,
     shared by the module's tests)."""
     workdir = tmp_path_factory.mktemp("straight")
     sp.run(sp.train_flags(workdir), sp.env(1), workdir.parent / "straight.log")

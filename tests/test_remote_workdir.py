@@ -61,7 +61,7 @@ def _steps(gcs: FakeGcs) -> list[int]:
 
 
 def test_train_resume_and_eval_on_a_gs_workdir(gcs, tmp_path):
-    """Over 60 s (about 1.5 min in the suite): seven command-line programs in a row (train,
+    """Over 60 s (about 1.5-2 min in the suite): seven command-line programs in a row (train,
     resumed train, eval, predict, plot, export), each a process that starts jax and compiles,
     all on the one gs:// workdir the previous one wrote: one end-to-end run, not seven tests."""
     env = {**subprocess_testlib.env(num_devices=1), **gcs.env(tmp_path / "gcloud")}

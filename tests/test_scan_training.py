@@ -109,7 +109,7 @@ def rel(a, b):
     ],
 )
 def test_scanned_training_step_is_the_unrolled_one(case, dtype):
-    """The DeBiFormer cases take over 60 s in the suite (86 s float32, 124 s float64): two
+    """The DeBiFormer cases take about 60 s (float32) and 110 s (float64) in the suite: two
     DeBiFormer training steps (forward and backward, a stage of 3 blocks) compiled, float64 at
     XLA's default level (see at_default_level; the float32 case alone: 81 s there, 60 s at -O0)."""
     name, overrides, hw = CASES["biformer" if case == "batchnorm_biformer" else case]
@@ -181,7 +181,7 @@ def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
     """Steps 1-2 unrolled then 3-4 scanned, and the other way round, give the losses of an
     uninterrupted unrolled run: checkpoints keep the per-block layout either way.
 
-    Over 60 s in the suite (about 80 s): five trainer runs (straight, and each direction's
+    Over 60 s in the suite (about 80-90 s): five trainer runs (straight, and each direction's
     interrupted and resumed run) compiling two step programs (unrolled, scanned); the persistent
     cache serves the repeats."""
     kw = {"model_kwargs.depth": (1, 3, 1, 1), "model_kwargs.drop_path_rate": 0.3}
