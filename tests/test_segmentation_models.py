@@ -67,7 +67,11 @@ def test_bilinear_downsampling_does_not_antialias():
 
 @pytest.mark.parametrize("name", MICRO)
 def test_micro_models_eval_and_train(name):
-    model = models.create_model(name, num_classes=5)
+    # DeBiFormer's with XLA's depthwise conv and top-k: the one program compiles in about half
+    # the time; its CPU defaults (shifted sums, torch's ties) are held to the release by
+    # test_golden_segmentation, and to these implementations by test_debiformer.
+    cheaper = dict(dwconv_impl="conv", routing_ties="xla") if "debiformer" in name else {}
+    model = models.create_model(name, num_classes=5, **cheaper)
     x = jax.random.normal(jax.random.key(0), (2, 72, 88, 3))  # not a multiple of 32: auto_pad and ceil sizes
     variables = train_testlib.random_variables(model, seed=1)  # noise weights: no init to compile
     upernet = name.startswith("upernet")
