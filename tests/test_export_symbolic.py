@@ -12,6 +12,7 @@ import json
 import runpy
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export as jax_export
@@ -19,7 +20,7 @@ from support import required, train_testlib
 
 from biformer_jax import models
 from biformer_jax.convert import files as convert_files
-from biformer_jax.export import common
+from biformer_jax.export import common, shape_arithmetic
 from biformer_jax.export import stablehlo as stablehlo_export
 from biformer_jax.tasks.classification import inference
 from biformer_jax.training import checkpoint
@@ -49,6 +50,7 @@ def _round_trip(tmp_path, loaded, sizes, checked=((32, 32), (28, 42), (13, 19)),
     assert spec["input"]["shape"] == [None, None, None, 3]
     assert set(spec["symbolic_dims"]) == {"b", "h", "w"} and spec["platforms"] == ["cpu", "cuda", "tpu"]
     predictor = runpy.run_path(str(ROOT / "biformer_jax" / "export" / "loader.py"))["load"](str(out))
+    assert shape_arithmetic.scalar_calls(predictor.exported) == 0  # the stage sizes' divisions inlined
     rng = np.random.default_rng(3)
     measured = {}
     for h, w in sizes:
@@ -70,14 +72,13 @@ def test_auto_pad_biformer_exports_with_symbolic_size(tmp_path):
 
 
 def test_debiformer_exports_with_symbolic_size(tmp_path, monkeypatch):
-    """Over 60 s (85-95 s alone): DeBiFormer's artifact with symbolic height
-    and width holds ~63,000 MLIR operations, and each call shape takes 20-25 s of CPU on an idle
-    2-core machine, 12-15 s of it jax's refinement of the symbolic shapes
-    (`mlir.refine_polymorphic_shapes`), against ~3 s for a fixed-size artifact. So DeBiFormer is
-    called at 3 shapes, each a different case: the exporter's check at the image size (no region
-    padding) at batch 1 and 3, and the standalone loader at an odd size (21x27) at batch 3
-    (BiFormer's test above runs the whole matrix of sizes and batches). In the suite it has taken
-    2-6 min beside the other worker."""
+    """About 45 s alone (82 s before shape_arithmetic.compact, 2-6 min in the suite beside the
+    other worker): DeBiFormer's export and its reference forward passes compile slowly, and each
+    call shape of its symbolic artifact took 20-25 s of CPU, 12-15 s of it jax's shape refinement,
+    before the export merged its shape arithmetic (~3 s now). DeBiFormer is called at 3 shapes,
+    each a different case: the exporter's check at the image size (no region padding) at batch 1
+    and 3, and the standalone loader at an odd size (21x27) at batch 3 (BiFormer's test above runs
+    the whole matrix of sizes and batches)."""
     monkeypatch.setattr(stablehlo_export, "check_sizes", lambda s, m: [(32, 32)])
     loaded = _loaded(tmp_path, "debiformer_micro")
     _round_trip(tmp_path, loaded, [(21, 27)], checked=((32, 32),), batches=(3,))  # the loader's call
@@ -120,6 +121,51 @@ def test_models_without_auto_pad_keep_a_fixed_size(tmp_path):
         str(tmp_path / "ckpt"), config=train_testlib.micro_config(), model_overrides={"attn_impl": "pallas"}
     )
     assert "Pallas kernels" in stablehlo_export.fixed_size_reason(pallas.model)
+
+
+def _ceil_pool(x):
+    """A symbolic-shape function with the stage arithmetic of the models: nested ceiling divisions."""
+    for k in (2, 3, 2):
+        h, w = x.shape[1:3]
+        x = jnp.pad(x, ((0, 0), (0, -h % k), (0, -w % k), (0, 0)))  # (b, k*ceil(h/k), k*ceil(w/k), c)
+        x = x.reshape(x.shape[0], x.shape[1] // k, k, x.shape[2] // k, k, x.shape[3]).mean((2, 4)) * 0.5 + 1.0
+    return x
+
+
+def test_compact_shape_arithmetic_keeps_every_value(caplog):
+    """`shape_arithmetic.compact` inlines jax's scalar divmod helpers and merges the repeats: the
+    artifact computes the same bits at every shape; where the rewrite fails the original is kept."""
+    b, h, w = jax_export.symbolic_shape("b, h, w")
+    exported = jax_export.export(jax.jit(_ceil_pool), platforms=("cpu", "cuda", "tpu"))(
+        jax.ShapeDtypeStruct((b, h, w, 2), jnp.float32)
+    )
+    compact = shape_arithmetic.compact(exported)
+    assert shape_arithmetic.scalar_calls(exported) > 0 and shape_arithmetic.scalar_calls(compact) == 0
+    assert len(compact.mlir_module()) < len(exported.mlir_module())
+    assert (compact.in_avals, compact.out_avals, compact.platforms) == (
+        exported.in_avals,
+        exported.out_avals,
+        exported.platforms,
+    )
+    reloaded = jax_export.deserialize(bytearray(compact.serialize()))
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1, 1, 2), (2, 7, 5, 2), (3, 12, 13, 2), (1, 25, 9, 2)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        want = np.asarray(exported.call(x))
+        np.testing.assert_array_equal(np.asarray(reloaded.call(x)), want)
+        np.testing.assert_allclose(want, _ceil_pool(x), rtol=1e-6)
+
+    def refuse(module):
+        raise RuntimeError("no bytecode here")
+
+    from jax._src.export import _export
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_export, "_module_to_bytecode", refuse)
+        assert shape_arithmetic.compact(exported) is exported
+    assert (
+        "Kept the symbolic artifact's shape arithmetic as jax wrote it (RuntimeError: no bytecode here)" in caplog.text
+    )
 
 
 def test_region_padding_traces_with_symbolic_dims():

@@ -14,7 +14,9 @@ constants: (b, h, w, 3) float32 NHWC -> (b, classes) float32 logits. Loading nee
   a routed stage pools K/V by `kv_downsample_ratio` k > 1 (`maxpool` / `avgpool`): its regions
   must hold k x k tokens, i.e. side >= 2**(i + 2) * n_win * (k - 1) + 1 (`min_side`). That
   minimum is a constraint of the artifact (`h >= m`), checked when it is called, and is
-  written in the spec JSON.
+  written in the spec JSON. The artifact's shape arithmetic (those divisions, re-evaluated for
+  every symbolic-shaped op) is inlined and merged after export (`shape_arithmetic.compact`), so
+  that a caller's first call at a new shape refines in well under a second.
 - BiFormer without auto_pad keeps height and width fixed at the checkpoint's image size: its
   routing needs maps n_win divides and refuses others.
 - Under symbolic sizes 'auto' routed attention runs 'gather' on every platform (no shape rule
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
-from biformer_jax.export import common
+from biformer_jax.export import common, shape_arithmetic
 from biformer_jax.models import DeBiFormer
 from biformer_jax.tasks.classification import inference
 
@@ -92,9 +94,12 @@ def export(
         h = w = loaded.preprocess.image_size
     spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
     try:
-        return jax_export.export(jax.jit(common.serving_fn(loaded)), platforms=tuple(platforms))(spec)
+        exported = jax_export.export(jax.jit(common.serving_fn(loaded)), platforms=tuple(platforms))(spec)
     except Exception as e:  # lowering errors name the op and platform; keep them, add the context
         raise common.ExportError(f"jax.export for {list(platforms)} failed: {type(e).__name__}: {e}") from e
+    # Symbolic h, w: the stage sizes' divisions, merged, so that each new call shape refines in
+    # well under a second instead of ~15 s (shape_arithmetic).
+    return shape_arithmetic.compact(exported) if symbolic_size else exported
 
 
 def run_serialized(data: bytes, images: np.ndarray) -> np.ndarray:
