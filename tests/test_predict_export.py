@@ -208,6 +208,42 @@ def test_onnx_round_trip_at_batch_1_and_3(workdir, tmp_path):
     jax.clear_caches()
 
 
+def test_onnx_output_check_shortcut_builds_the_same_model(monkeypatch):
+    """export.onnx's shortcut for jax2onnx's per-output graph scan (quadratic in the graph) gives
+    the same model, consults the scan less, and puts the original back."""
+    required.onnxruntime()
+    import jax.numpy as jnp
+    import jax2onnx
+    from jax2onnx.converter import output_binding
+
+    from biformer_jax.export import onnx as onnx_export
+
+    w = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+
+    def f(x):
+        h = jnp.tanh(x @ w) * 2.0 + 1.0
+        return jnp.concatenate([h, jnp.maximum(h, 0.0)], -1).reshape(x.shape[0], 2, 4).sum(1)
+
+    calls = []
+    scan = output_binding._value_is_graph_connected
+
+    def counted(ctx, value):
+        calls.append(value)
+        return scan(ctx, value)
+
+    monkeypatch.setattr(output_binding, "_value_is_graph_connected", counted)
+
+    def convert():
+        return jax2onnx.to_onnx(f, [("B", 6)], model_name="f", opset=onnx_export.OPSET).SerializeToString()
+
+    plain, scanned = convert(), len(calls)
+    calls.clear()
+    with onnx_export._fast_output_checks():
+        fast = convert()
+    assert fast == plain and scanned > 0 and len(calls) < scanned
+    assert output_binding._value_is_graph_connected is counted
+
+
 def test_onnx_check_refuses_a_tanh_approximate_gelu(workdir, tmp_path, monkeypatch):
     """The ONNX check's tolerance is tight enough to see GELU's tanh approximation in the graph
     (PyTorch's nn.GELU() is the exact erf form): an export traced with it is refused."""

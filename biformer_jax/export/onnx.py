@@ -17,6 +17,7 @@ which the check against model.apply with the checkpoint's own ties confirms).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import traceback
@@ -42,6 +43,40 @@ def _require():
     return jax2onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def _fast_output_checks():
+    """jax2onnx 0.17 checks, for every output of every converted equation, that the value it bound
+    is connected to the graph by scanning all the nodes built so far (`output_binding.
+    _value_is_graph_connected`): quadratic in the graph's size. While this is active the check
+    answers at once where the value's own producer is a node of the builder's graph (onnx_ir
+    keeps `node.graph`; that node is one the scan would find) and runs the original scan
+    otherwise (graph inputs, initializers, matches by name, disconnected values): the same
+    answers, so the same model. Measured (scratch, DeBiFormer micro at 32, 2-core CPU):
+    conversion 55.3 -> 20.9 s of CPU, byte-identical ONNX. Without that function (another
+    jax2onnx) nothing changes."""
+    try:
+        from jax2onnx.converter import output_binding
+    except ImportError:
+        yield
+        return
+    scan = getattr(output_binding, "_value_is_graph_connected", None)
+    if scan is None:
+        yield
+        return
+
+    def connected(ctx, value):
+        node = value.producer() if hasattr(value, "producer") else None
+        if node is not None and node.graph is ctx.builder.nodes and any(out is value for out in node.outputs):
+            return True
+        return scan(ctx, value)
+
+    output_binding._value_is_graph_connected = connected
+    try:
+        yield
+    finally:
+        output_binding._value_is_graph_connected = scan
+
+
 def convert(loaded: inference.Loaded) -> bytes:
     """The serialized ONNX model of `loaded`'s forward pass (batch dimension dynamic)."""
     jax2onnx, _ = _require()
@@ -55,14 +90,15 @@ def convert(loaded: inference.Loaded) -> bytes:
         loaded = dataclasses.replace(loaded, model=loaded.model.clone(scan_blocks=False))
     s = loaded.preprocess.image_size
     try:
-        proto = jax2onnx.to_onnx(
-            common.serving_fn(loaded),
-            [("B", s, s, 3)],
-            model_name=str(loaded.meta["model"]),
-            opset=OPSET,
-            input_names=["images"],
-            output_names=["logits"],
-        )
+        with _fast_output_checks():
+            proto = jax2onnx.to_onnx(
+                common.serving_fn(loaded),
+                [("B", s, s, 3)],
+                model_name=str(loaded.meta["model"]),
+                opset=OPSET,
+                input_names=["images"],
+                output_names=["logits"],
+            )
     except Exception as e:  # noqa: BLE001 - any converter failure becomes one error naming the op
         match = re.search(r"primitive '([^']+)'", str(e))
         lowering = failing_primitives(e)
