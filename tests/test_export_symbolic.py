@@ -183,8 +183,9 @@ def test_region_padding_traces_with_symbolic_dims():
 
 
 def test_debiformer_to_onnx_names_the_op_it_cannot_express_and_converts_with_xla_ties(tmp_path):
-    """Over 60 s in the suite (about 75 s): the refused conversion traces DeBiFormer, the second
-    converts it and checks the ONNX model against model.apply at batch 1 and 3."""
+    """About 25-35 s (65-75 s before export.onnx's shortcut for jax2onnx's output scan): the refused
+    conversion traces DeBiFormer, the second converts it and checks the ONNX model against
+    model.apply at batch 1 and 3."""
     required.onnxruntime()
     from biformer_jax.export import onnx as onnx_export
 
