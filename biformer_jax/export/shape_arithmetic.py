@@ -48,6 +48,15 @@ def _scalar_only(fn, ir) -> bool:
     return len(blocks) == 1 and all(len(op.regions) == 0 for op in blocks[0].operations)
 
 
+def _scalar_callees(module, ir) -> dict:
+    """The module's scalar-only private functions by name."""
+    return {
+        ir.StringAttr(op.attributes["sym_name"]).value: op.operation
+        for op in module.body.operations
+        if op.operation.name == "func.func" and _scalar_only(op.operation, ir)
+    }
+
+
 def _callee(call, ir) -> str:
     return ir.FlatSymbolRefAttr(call.attributes["callee"]).value
 
@@ -72,10 +81,7 @@ def _calls_to(module, callees: dict, ir) -> list:
 def inline_scalar_functions(module, ir) -> int:
     """Inlines every call to a scalar-only private function (see `_scalar_only`), nested calls
     included; returns the number of calls inlined."""
-    callees = {}
-    for op in module.body.operations:
-        if op.operation.name == "func.func" and _scalar_only(op.operation, ir):
-            callees[ir.StringAttr(op.attributes["sym_name"]).value] = op.operation
+    callees = _scalar_callees(module, ir)
     inlined = 0
     for _ in range(MAX_DEPTH):
         calls = _calls_to(module, callees, ir)  # an inlined body may call another helper: again
@@ -131,9 +137,4 @@ def scalar_calls(exported: jax_export.Exported) -> int:
     context = mlir.make_ir_context()
     with context, ir.Location.unknown(context):
         module = ir.Module.parse(exported.mlir_module())
-        callees = {
-            ir.StringAttr(op.attributes["sym_name"]).value: op
-            for op in module.body.operations
-            if op.operation.name == "func.func" and _scalar_only(op.operation, ir)
-        }
-        return len(_calls_to(module, callees, ir))
+        return len(_calls_to(module, _scalar_callees(module, ir), ir))
