@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from typing import Any
 
 import jax
@@ -24,6 +25,12 @@ def _malloc_trim():
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # no libc by that name, or not glibc
         return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def release_freed_memory() -> bool:

@@ -27,11 +27,6 @@ COLLECT_AFTER_GROWTH = 1 << 30  # bytes of resident memory a worker may gain bef
 _collected_at = [0]
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _collect_when_memory_grew():
     """After a test file, a full collection if the worker's RSS grew by COLLECT_AFTER_GROWTH
@@ -39,9 +34,13 @@ def _collect_when_memory_grew():
     collection, which now comes rarely. (A full collection after every file cost the suite ~90 s
     of CPU: ~1.5 s each over ~1.9 million objects late in a worker.)"""
     yield
-    if sys.platform == "linux" and _resident_bytes() > _collected_at[0] + COLLECT_AFTER_GROWTH:
+    if sys.platform != "linux":
+        return
+    from biformer_jax.host_memory import resident_bytes  # imports jax: not before XLA_FLAGS above
+
+    if resident_bytes() > _collected_at[0] + COLLECT_AFTER_GROWTH:
         gc.collect()
-        _collected_at[0] = _resident_bytes()
+        _collected_at[0] = resident_bytes()
 
 
 @pytest.fixture(scope="session")

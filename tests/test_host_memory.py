@@ -2,7 +2,6 @@
 
 import ctypes
 import ctypes.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +10,6 @@ import pytest
 from support import required
 
 from biformer_jax import host_memory
-
-
-def _rss_bytes() -> int:
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @required.LINUX_ONLY
@@ -31,9 +26,9 @@ def test_release_freed_memory_returns_freed_heap_pages_to_the_system():
         ctypes.memset(block, 1, size)  # resident
     for block in blocks:
         libc.free(block)
-    before = _rss_bytes()
+    before = host_memory.resident_bytes()
     assert host_memory.release_freed_memory() is True
-    after = _rss_bytes()
+    after = host_memory.resident_bytes()
     libc.free(keep)
     assert before - after > 32 * 2**20, f"RSS {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB"
 
