@@ -46,6 +46,7 @@ import segmentation  # noqa: E402  (benchmarks/segmentation.py)
 from timing import CompiledBench, time_steps  # noqa: E402
 
 from biformer_jax import models  # noqa: E402
+from biformer_jax.models import block_layout  # noqa: E402
 
 SEG_CASE = "sfpn_biformer_small"
 DEFAULT_CASES = "biformer_tiny,biformer_small,biformer_base,debiformer_small," + SEG_CASE
@@ -71,9 +72,28 @@ def parse_args(argv=None) -> argparse.Namespace:
             "its value and gradients only (no optimizer); its loss only (train-mode forward)"
         ),
     )
+    ap.add_argument(
+        "--per_block",
+        action="store_true",
+        help="also time the scanned step on a per-block state (stacked inside every step: before the trainer "
+        "kept scanning models' states stacked)",
+    )
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     return ap.parse_args(argv)
+
+
+def layout(state, kw: dict):
+    """The state in the layout the trainer gives the variant: each stage's blocks stacked for a
+    scanning model (`block_layout`), unless the variant asks for the per-block one."""
+    return block_layout.stack(state) if kw.get("scan_blocks") and not kw.get(PER_BLOCK) else state
+
+
+def model_kwargs(kw: dict) -> dict:
+    return {k: v for k, v in kw.items() if k != PER_BLOCK}
+
+
+PER_BLOCK = "_per_block_state"  # a variant key of this script, not a model argument
 
 
 class Step(CompiledBench):
@@ -109,8 +129,8 @@ def classification_steps(name: str, args, variants: dict[str, dict]) -> dict[str
     state, _, batch = throughput.build_train(base, images, labels, config)
     out = {}
     for label, kw in variants.items():
-        _, fn, _ = throughput.build_train(base.clone(**kw), images, labels, config, init=False)
-        out[label] = Step(fn, state, batch)
+        _, fn, _ = throughput.build_train(base.clone(**model_kwargs(kw)), images, labels, config, init=False)
+        out[label] = Step(fn, layout(state, kw), batch)
     return out
 
 
@@ -169,9 +189,9 @@ def plain_steps(name: str, args, variants: dict[str, dict]) -> dict[str, Step]:
     key = jax.random.key(1)
     out = {}
     for label, kw in variants.items():
-        bound = functools.partial(PLAIN_STEPS[args.step], model=model.clone(**kw), tx=tx)
+        bound = functools.partial(PLAIN_STEPS[args.step], model=model.clone(**model_kwargs(kw)), tx=tx)
         fn = jax.jit(bound, donate_argnums=0)
-        out[label] = Step(fn, state, images, labels, key)
+        out[label] = Step(fn, layout(state, kw), images, labels, key)
     return out
 
 
@@ -187,10 +207,10 @@ def segmentation_steps(name: str, args, variants: dict[str, dict]) -> dict[str, 
     key = jax.random.key(1)
     out = {}
     for label, kw in variants.items():
-        module = model.clone(backbone_args=tuple({**model.backbone_config, **kw}.items()))
+        module = model.clone(backbone_args=tuple({**model.backbone_config, **model_kwargs(kw)}.items()))
         bound = functools.partial(segmentation.seg_train_step, module=module, part="model", tx=tx)
         fn = jax.jit(bound, donate_argnums=0)
-        out[label] = Step(fn, state, images, labels, key)
+        out[label] = Step(fn, layout(state, kw), images, labels, key)
     return out
 
 
@@ -201,6 +221,10 @@ def run_case(name: str, args) -> list[dict]:
         variants["scanned" if p is None else f"scanned/{p}"] = dict(
             scan_blocks=True, **({} if p is None else dict(scan_remat=p))
         )
+        if args.per_block:
+            variants["scanned, per-block state" if p is None else f"scanned/{p}, per-block state"] = dict(
+                scan_blocks=True, **({} if p is None else dict(scan_remat=p)), **{PER_BLOCK: True}
+            )
     seg = name.startswith(("sfpn_", "upernet_"))
     steps = (segmentation_steps if seg else classification_steps)(name, args, variants)
     for s in steps.values():

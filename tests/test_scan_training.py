@@ -12,9 +12,9 @@ import pytest
 from support import train_testlib, xla_flags
 
 from biformer_jax import data, models, tasks
-from biformer_jax.models import biformer, stages
+from biformer_jax.models import biformer, block_layout, stages
 from biformer_jax.models.layers import BatchNorm
-from biformer_jax.training import checkpoint, train_lib
+from biformer_jax.training import checkpoint, optim, train_lib
 from biformer_jax.training import metrics as metrics_lib
 
 # model, constructor overrides (a stage of depth >= 3, drop path and dropout on), input (H, W)
@@ -185,7 +185,9 @@ class Preempted(Exception):
 @pytest.mark.usefixtures("compilation_cache")
 def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
     """Steps 1-2 unrolled then 3-4 scanned, and the other way round, give the losses of an
-    uninterrupted unrolled run: checkpoints keep the per-block layout either way.
+    uninterrupted unrolled run: checkpoints keep the per-block layout either way (a scanned run's
+    state keeps its stages stacked, `block_layout`). Then init_from the unrolled run's checkpoint
+    puts its weights into a scanned run's stacked state.
 
     Over 60 s in the suite (about 80-90 s): five trainer runs (straight, and each direction's
     interrupted and resumed run) compiling two step programs (unrolled, scanned); the persistent
@@ -214,7 +216,61 @@ def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
         assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
         np.testing.assert_allclose([resumed[s] for s in (1, 2, 3, 4)], [straight[s] for s in (1, 2, 3, 4)], rtol=1e-5)
 
+    # init_from a per-block checkpoint into a scanning model's stacked state: the same weights.
+    config = micro_config(scan_blocks=True, init_from=str(tmp_path / "straight"), **kw)
+    run = train_lib.setup(config, tasks.get(config))
+    manager = checkpoint.create_manager(tmp_path / "init_from", config.checkpoint, best_metric="")
+    try:
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
+    finally:
+        checkpoint.close_manager(manager)
+    assert "stages_1" in state.params and "stages_1" in state.ema_params
+    want = checkpoint.load_variables(tmp_path / "straight")
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.host_variables(state), want)
+
 
 def _losses(workdir) -> dict[int, float]:
     records = metrics_lib.read_jsonl(workdir / metrics_lib.METRICS_FILE)
     return {step: r["train/loss"] for step, r in records.items() if "train/loss" in r}
+
+
+def test_stacked_stages_train_and_infer_as_the_per_block_layout():
+    """The trainer's layout for a scanning model (`block_layout`: each stage's blocks stacked)
+    gives the per-block layout's loss, gradients, BatchNorm updates (a BatchNorm in every block)
+    and inference logits, and converts back and forth without loss; the unrolled model refuses it
+    with the fix in the message; the weight-decay mask decides per block in either layout."""
+    overrides = dict(CASES["biformer"][1], depth=(1, 3, 2, 1))
+    scanned = build("batchnorm_biformer", overrides, num_classes=5, scan_blocks=True)
+    x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+    y = jax.random.normal(jax.random.key(2), (4, 5))
+    variables = train_testlib.random_variables(scanned.clone(scan_blocks=False), seed=3, image_size=(64, 64), scale=0.2)
+    stacked = block_layout.stack(variables)
+    assert {"stages_1", "stages_2", "stages_0_0", "stages_3_0"} <= set(stacked["params"])
+    assert not {"stages_1_0", "stages_2_1", "stages_0", "stages_3"} & set(stacked["params"])
+    assert stacked["batch_stats"]["stages_1"]["bn"]["mean"].shape == (3, 32)
+    assert block_layout.is_stacked(stacked) and not block_layout.is_stacked(variables)
+    assert jax.tree.structure(block_layout.stack(stacked)) == jax.tree.structure(stacked)  # no-ops in their layout
+    assert block_layout.unstack(variables) == variables
+    jax.tree.map(np.testing.assert_array_equal, block_layout.unstack(stacked), variables)
+
+    fn = train_fn(scanned)
+    key = jax.random.key(4)
+    want = fn(variables["params"], variables["batch_stats"], x, y, key)
+    got = fn(stacked["params"], stacked["batch_stats"], x, y, key)
+    assert "stages_1" in got[1] and "stages_1" in got[2]  # statistics and gradients come back stacked
+    assert float(got[0]) == float(want[0])
+    errors = [rel(a, b) for a, b in zip(jax.tree.leaves(block_layout.unstack(got)), jax.tree.leaves(want))]
+    assert max(errors) <= 1e-6, max(errors)
+    assert not np.allclose(got[1]["stages_1"]["bn"]["mean"][2], stacked["batch_stats"]["stages_1"]["bn"]["mean"][2])
+
+    logits = jax.jit(lambda v: scanned.apply(v, x, train=False))
+    np.testing.assert_allclose(logits(stacked), logits(variables), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"stacked .*block_layout.unstack"):
+        scanned.clone(scan_blocks=False).apply(stacked, x, train=False)
+
+    mask = block_layout.per_block_mask(optim.weight_decay_mask)
+    assert mask(variables["params"]) == optim.weight_decay_mask(variables["params"])
+    stacked_mask = mask(stacked["params"])
+    assert stacked_mask["stages_1"]["attn"]["qkv"]["qkv"]["bias"] is False  # 1-D per block, 2-D stacked
+    assert stacked_mask["stages_1"]["attn"]["qkv"]["qkv"]["kernel"] is True
+    assert stacked_mask == block_layout.stack(optim.weight_decay_mask(variables["params"]), stack_fn=lambda *f: f[0])

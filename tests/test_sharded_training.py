@@ -201,6 +201,53 @@ def test_checkpoint_of_sharded_state_saves_without_compiling_and_restores(tmp_pa
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
 
 
+def test_stacked_state_shards_like_its_blocks_and_checkpoints_per_block(tmp_path):
+    """A model that scans its blocks trains on each stage's blocks stacked (`block_layout`): on
+    data 2 x fsdp 4 each stacked leaf is sharded as one block's leaf, never along the block axis;
+    a step keeps that layout; the checkpoint holds the per-block names and shapes of the unrolled
+    model's state and restores bit-exactly onto the stacked shardings."""
+    kw = {"model_kwargs.depth": (1, 3, 1, 1)}
+    config = _config(2, 4, scan_blocks=True, **kw)
+    run = train_lib.setup(config, tasks.get(config))
+    per_block = train_lib.setup(_config(2, 4, scan_blocks=False, **kw), tasks.get(config))
+    assert "stages_1" in run.abstract.params and "stages_1_0" not in run.abstract.params
+    stacked_specs = jax.tree_util.tree_leaves_with_path(run.shardings.params["stages_1"])
+    block_specs = jax.tree.leaves(per_block.shardings.params["stages_1_0"])
+    assert [s.spec for _, s in stacked_specs] == [PartitionSpec(None, *s.spec) for s in block_specs]
+    assert sum("fsdp" in tuple(s.spec) for _, s in stacked_specs) >= 4, stacked_specs
+
+    manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
+    try:
+        state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
+        batch = next(
+            data.train_iterator(
+                config.data, seed=0, start_step=0, global_batch_size=16, process_index=0, process_count=1
+            )
+        )
+        state, _ = train_lib.make_train_step(config, run)(state, sharding.global_batch(batch, run.mesh))
+        jax.tree.map(lambda x, s: assert_same_sharding(x, s), state, run.shardings)
+        checkpoint.save_train_state(manager, state, step=1, meta=run.meta)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    ref = checkpoint.resolve(tmp_path)
+    for item, want in (
+        ("variables", per_block.abstract.variables),
+        ("ema_variables", per_block.abstract.ema_variables),
+    ):
+        assert checkpoint.mismatches(checkpoint.saved_shapes(ref, item), want) == ([], [], [])
+    train_item = {
+        "step": per_block.abstract.step,
+        "opt_state": per_block.abstract.opt_state,
+        "rng": per_block.abstract.rng,
+    }
+    assert checkpoint.mismatches(checkpoint.saved_shapes(ref, "train"), train_item) == ([], [], [])
+
+    restored = checkpoint.restore_train_state(ref, sharding.with_shardings(run.abstract, run.shardings))
+    jax.tree.map(lambda x, s: assert_same_sharding(x, s), restored, run.shardings)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
+
+
 def assert_same_sharding(x, s):
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
 

@@ -175,13 +175,20 @@ def run_stages(
         rates = dp_rates[cur : cur + model.depth[i]]
         key = model.make_rng("drop_path") if train and any(r > 0 for r in rates) else None
         remat = i in model.use_checkpoint_stages
+        stacked = stacked_variables(model, i, names)
         if scans_blocks(model) and len(names) > 1:
             block = block_cls(drop_path=0.0, parent=None, **kwargs)
             if train:
                 policy = "nothing" if remat else model.scan_remat
-                x = scanned_train_blocks(model, x, block, names, rates, key, policy)
+                x = scanned_train_blocks(model, x, block, names, rates, key, policy, stacked)
             else:
-                x = scanned_blocks(model, x, block, names)
+                x = scanned_blocks(model, x, block, names, stacked)
+        elif stacked is not None:
+            raise ValueError(
+                f"stage {i}'s variables are stacked (the training layout of a model that scans its blocks, "
+                f"`stages_{i}`), but this pass runs the blocks one by one (scan_blocks=False, initialisation "
+                "or recorded intermediates): give it the per-block layout, models.block_layout.unstack(variables)."
+            )
         else:
             # remat per stage, the official use_checkpoint_stages; `train` is static.
             cls = nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
@@ -204,7 +211,22 @@ def scans_blocks(model: nn.Module) -> bool:
     return model.scan_blocks and not model.is_initializing() and not model.is_mutable_collection("intermediates")
 
 
-def scanned_blocks(model: nn.Module, x: jax.Array, block: nn.Module, names: Sequence[str]) -> jax.Array:
+def stacked_variables(model: nn.Module, i: int, names: Sequence[str]) -> Optional[dict[str, Any]]:
+    """Stage i's variables in the stacked layout (`models.block_layout`: {collection: tree of
+    (depth, ...) leaves} under `stages_i`), or None when the model holds them per block."""
+    key = f"stages_{i}"
+    if len(names) < 2 or key not in model.variables.get("params", {}):
+        return None
+    return {col: tree[key] for col, tree in model.variables.items() if key in tree}
+
+
+def scanned_blocks(
+    model: nn.Module,
+    x: jax.Array,
+    block: nn.Module,
+    names: Sequence[str],
+    stacked: Optional[dict[str, Any]] = None,
+) -> jax.Array:
     """Inference: the blocks `names` of `model` applied in turn, as one `lax.scan` over the block index.
 
     The same function as calling them one after another (every block of a stage has the same
@@ -216,8 +238,16 @@ def scanned_blocks(model: nn.Module, x: jax.Array, block: nn.Module, names: Sequ
     block's weights, where stacking the stage's weights for the scan would copy them all.
     Not for differentiation: the transpose of that switch gives every iteration a cotangent
     for every block's weights (depth^2 work); training takes `scanned_train_blocks`.
-    `block`: an unbound block module (parent=None) with the stage's arguments.
+    `block`: an unbound block module (parent=None) with the stage's arguments. `stacked`: the
+    stage's variables in the stacked layout (a training state's), scanned over as they are.
     """
+    if stacked is not None:
+
+        def stacked_step(h, variables):  # block j's variables, sliced by the scan
+            return block.apply(variables, h, False), None  # h: (N, H, W, C) -> (N, H, W, C)
+
+        x, _ = jax.lax.scan(stacked_step, x, stacked)
+        return x
     per_block = [{col: tree[name] for col, tree in model.variables.items() if name in tree} for name in names]
 
     def step(h, j):
@@ -236,21 +266,27 @@ def scanned_train_blocks(
     rates: Sequence[float],
     key: Optional[jax.Array],
     remat: str,
+    stacked: Optional[dict[str, Any]] = None,
 ) -> jax.Array:
     """Train mode: the blocks `names` of `model` as one `lax.scan`, differentiable in linear cost.
 
-    Each stage's variables are stacked along a new leading axis inside the step (`jnp.stack`:
-    its transpose slices the stacked cotangent back, one block's worth per block) and fed to
-    the scan as inputs with the block index and the per-block drop-path rate; block j seeds
+    The stage's variables come `stacked` along a new leading axis (the trainer's state keeps
+    that layout: `models.block_layout`), or are stacked here from the per-block layout
+    (`jnp.stack`: its transpose slices the stacked cotangent back, one block's worth per block),
+    and are fed to the scan as inputs with the block index and the per-block drop-path rate; block j seeds
     its masks with fold_in(key, j) as the unrolled stage does, and a rate of 0 draws a mask
     that keeps every sample, so both compute the same function from the same rng. Mutable
     collections of the blocks (a BatchNorm's statistics) come back stacked and are written to
-    each block's own entry. The body is rematerialised with `SCAN_REMAT[remat]`.
+    each block's own entry (stacked: the stage's). The body is rematerialised with `SCAN_REMAT[remat]`.
     x: (N, H, W, C) -> (N, H, W, C).
     """
-    cols = [col for col, tree in model.variables.items() if names[0] in tree]
-    stacked = {col: jax.tree.map(lambda *a: jnp.stack(a), *(model.variables[col][n] for n in names)) for col in cols}
-    mutable = [col for col in cols if col != "params" and model.is_mutable_collection(col)]
+    per_block = stacked is None
+    if per_block:
+        cols = [col for col, tree in model.variables.items() if names[0] in tree]
+        stacked = {
+            col: jax.tree.map(lambda *a: jnp.stack(a), *(model.variables[col][n] for n in names)) for col in cols
+        }
+    mutable = [col for col in stacked if col != "params" and model.is_mutable_collection(col)]
 
     def step(h, xs):
         j, variables, rate = xs
@@ -264,6 +300,9 @@ def scanned_train_blocks(
     rates = jnp.asarray(rates)  # (depth,): the default float dtype, as DropPath's Python rate becomes
     x, updates = jax.lax.scan(step, x, (jnp.arange(len(names)), stacked, rates))
     for col in mutable:
+        if not per_block:
+            model.put_variable(col, names[0].rsplit("_", 1)[0], updates[col])  # stages_i, stacked
+            continue
         for j, name in enumerate(names):
             model.put_variable(col, name, jax.tree.map(lambda a, j=j: a[j], updates[col]))
     return x

@@ -40,6 +40,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from biformer_jax.models import block_layout
 from biformer_jax.models.from_config import CheckpointMismatchError
 from biformer_jax.storage import as_path  # noqa: F401  (checkpoint.as_path: its callers' name for it)
 from biformer_jax.training.train_state import TrainState
@@ -233,7 +234,7 @@ def init_variables_from(path: str | os.PathLike, state: TrainState, shardings: T
     ref = resolve(path)
     saved = saved_shapes(ref)
     head_ok = True
-    missing, unexpected, mismatched = mismatches(saved, state.variables, ignore=("head",))
+    missing, unexpected, mismatched = mismatches(saved, per_block(state.variables), ignore=("head",))
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(
             f"The checkpoint {ref.path} (config.init_from)",
@@ -271,8 +272,11 @@ def with_variables(state: TrainState, variables: Mapping[str, Any], shardings: T
     """`state` with host `variables` ({"params", "batch_stats"}, the state's tree) as its weights and EMA.
 
     The arrays are cast to the state's dtypes and placed by `shardings` (what init_from does once
-    it has the weights it will start from, for every task).
+    it has the weights it will start from, for every task). Per-block `variables` are stacked
+    first when the state keeps stacked stages (`models.block_layout`).
     """
+    if block_layout.is_stacked(state.params):
+        variables = block_layout.stack(jax.tree.map(np.asarray, dict(variables)))
 
     def place(value, like, leaf_sharding):
         value = np.asarray(value, dtype=like.dtype)
@@ -375,6 +379,25 @@ def _train_item(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
 
 
+def per_block(tree: Any) -> Any:
+    """`tree` (variables, a state) in the per-block layout of checkpoints: stacked stages
+    (`models.block_layout`) unstacked as shapes (ShapeDtypeStructs with their shardings)."""
+    return block_layout.unstack(tree, take=block_layout.abstract_take)
+
+
+def host_variables(state: TrainState) -> dict[str, Any]:
+    """The state's {"params", "batch_stats"} as host numpy arrays in the per-block layout (what a
+    task's init_from merges a checkpoint into)."""
+    return block_layout.unstack(jax.device_get(state.variables))
+
+
+@jax.jit
+def _unstack(state: TrainState) -> TrainState:
+    # One program slices every stacked leaf; each slice keeps its leaf's sharding but the block axis
+    # (which is never sharded), so an FSDP state stays sharded while it is written.
+    return block_layout.unstack(state)
+
+
 def save_train_state(
     manager: ocp.CheckpointManager,
     state: TrainState,
@@ -383,7 +406,12 @@ def save_train_state(
     meta: Mapping[str, Any],
     metrics: Mapping[str, float] | None = None,
 ) -> None:
-    """Starts an asynchronous save of `state` as checkpoint `step`."""
+    """Starts an asynchronous save of `state` as checkpoint `step`, always in the per-block layout.
+
+    A state that keeps stacked stages (`models.block_layout`) is unstacked first into new arrays
+    (device memory for one more copy of the state while the save copies it to the host)."""
+    if block_layout.is_stacked(state.params):
+        state = _unstack(state)
     items = {
         "variables": ocp.args.PyTreeSave(state.variables),
         "train": ocp.args.PyTreeSave(_train_item(state)),
@@ -398,8 +426,21 @@ def restore_train_state(ref: CheckpointRef, abstract_state: TrainState) -> Train
     """The full train state of a train checkpoint, placed by the shardings in `abstract_state`.
 
     Every item is shape-checked first, so another model's checkpoint fails with the list of
-    differences instead of an Orbax error.
+    differences instead of an Orbax error. Checkpoints hold the per-block layout: a state with
+    stacked stages (`models.block_layout`) is read per block and stacked into its shardings.
     """
+    if not block_layout.is_stacked(abstract_state.params):
+        return _restore_train_state(ref, abstract_state)
+    state = _restore_train_state(ref, per_block(abstract_state))
+    shardings = [getattr(a, "sharding", None) for a in jax.tree.leaves(abstract_state)]
+    if any(s is None for s in shardings):
+        return jax.jit(block_layout.stack)(state)
+    return jax.jit(block_layout.stack, out_shardings=jax.tree.unflatten(jax.tree.structure(abstract_state), shardings))(
+        state
+    )
+
+
+def _restore_train_state(ref: CheckpointRef, abstract_state: TrainState) -> TrainState:
     if ref.kind != "train":
         raise CheckpointError(
             f"{ref.path} holds model variables only (no optimiser state): use config.init_from "

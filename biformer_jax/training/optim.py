@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from biformer_jax.models import block_layout
+
 
 def scaled_learning_rate(optim_cfg, global_batch_size: int) -> float:
     """The linear scaling rule: lr * global_batch / lr_base_batch_size (5e-4 per 512 images)."""
@@ -80,7 +82,8 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
     """AdamW with the official hyperparameters, optionally after global-norm clipping.
 
-    `mask`: params -> a tree of bools, True where weight decay applies (default: the official rule).
+    `mask`: params -> a tree of bools, True where weight decay applies (default: the official rule),
+    decided per block when the params hold stacked stages (`block_layout.per_block_mask`).
     """
     if optim_cfg.name != "adamw":
         raise ValueError(f"optim.name={optim_cfg.name!r}: only 'adamw' (the official optimiser) is implemented.")
@@ -90,7 +93,7 @@ def create_optimizer(
         b2=optim_cfg.b2,
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
-        mask=mask,
+        mask=block_layout.per_block_mask(mask),
     )
     if optim_cfg.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_grad_norm), tx)

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from biformer_jax.models import block_layout
+
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -69,9 +71,19 @@ def leaf_spec(shape: tuple[int, ...], fsdp_size: int, fsdp_min_size: int) -> Par
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
-    """NamedShardings for every leaf of an (abstract) state, by `leaf_spec`."""
+    """NamedShardings for every leaf of an (abstract) state, by `leaf_spec`.
+
+    A leaf of a stacked stage (`models.block_layout`) is sharded as one block's leaf would be,
+    never along its block axis (the scan slices that axis, and checkpoints unstack it)."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp, fsdp_min_size)), abstract_state)
+
+    def spec(path, x) -> PartitionSpec:
+        shape = tuple(x.shape)
+        if block_layout.in_stacked_stage(path):
+            return PartitionSpec(None, *leaf_spec(shape[1:], fsdp, fsdp_min_size))
+        return leaf_spec(shape, fsdp, fsdp_min_size)
+
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec(p, x)), abstract_state)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from biformer_jax.models import from_config
+from biformer_jax.models import block_layout, from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
 from biformer_jax.training import checkpoint, preemption, progress, restore, sharding, writers
 from biformer_jax.training import metrics as metrics_lib
@@ -177,7 +177,12 @@ def make_init_fn(config, model, tx, image_size):
     h, w = image_size if isinstance(image_size, tuple) else (image_size, image_size)
     input_shape = (1, h, w, 3)
     return functools.partial(
-        init_train_state, model=model, tx=tx, input_shape=input_shape, use_ema=config.ema_decay > 0
+        init_train_state,
+        model=model,
+        tx=tx,
+        input_shape=input_shape,
+        use_ema=config.ema_decay > 0,
+        stack_blocks=block_layout.scans(model),
     )
 
 

@@ -2,8 +2,11 @@
 
 `TrainState` is one pytree: the step, the model's params and BatchNorm statistics, the optimiser
 state, the EMA copies of params and statistics (empty dicts when EMA is off) and the base RNG key
-(raw uint32 key data, so Orbax stores it as a plain array). Everything random in a step is derived
-from (rng, step), which is what makes a resumed run bit-identical to an uninterrupted one.
+(raw uint32 key data, so Orbax stores it as a plain array). For a model that scans its blocks, the
+params, BatchNorm statistics, optimiser moments and EMA hold each stage's blocks stacked
+(`models.block_layout`); checkpoints are written per block either way (`checkpoint`). Everything
+random in a step is derived from (rng, step), which is what makes a resumed run bit-identical to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from biformer_jax.models import block_layout
 
 
 @flax.struct.dataclass
@@ -47,15 +52,20 @@ def init_train_state(
     input_shape: tuple[int, ...],
     use_ema: bool,
     variables: dict[str, Any] | None = None,
+    stack_blocks: bool = False,
 ) -> TrainState:
     """A fresh state: the model initialised from `seed` (or `variables`, e.g. pretrained weights).
 
     `input_shape` is (N, H, W, C) of one example batch (only the shape matters). Pure, so it can
     be `jax.eval_shape`d for the abstract state and `jax.jit`ted with output shardings.
+    `stack_blocks`: keep each stage's blocks stacked (`models.block_layout`; for a model that
+    scans its blocks), params, optimiser moments and EMA alike.
     """
     key = jax.random.key(seed)
     if variables is None:
         variables = model.init({"params": jax.random.fold_in(key, 0)}, jnp.zeros(input_shape, jnp.float32))
+    if stack_blocks:
+        variables = block_layout.stack(variables)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (EMA starts as a copy, not an alias)
     return TrainState(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 from absl import logging
 
 from biformer_jax.data.detection import pipeline as det_pipeline
@@ -98,7 +97,7 @@ def init_from(config, state, shardings, ref: checkpoint.CheckpointRef):
     saved = checkpoint.load_variables(ref)  # host numpy
     merged, report = seg_init.merge_weights(
         saved,
-        jax.device_get(state.variables),
+        checkpoint.host_variables(state),
         f"{ref.path}",
         class_layers=CLASS_LAYERS,
         task="detection",

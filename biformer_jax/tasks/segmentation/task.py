@@ -94,7 +94,7 @@ def init_from(config, state, shardings, ref: checkpoint.CheckpointRef | None = N
     """state with config.init_from's weights: a segmentation checkpoint, or a classifier's backbone."""
     ref = ref or checkpoint.resolve(config.init_from)
     saved = checkpoint.load_variables(ref)  # host numpy
-    merged, report = seg_init.merge_weights(saved, jax.device_get(state.variables), f"{ref.path}")
+    merged, report = seg_init.merge_weights(saved, checkpoint.host_variables(state), f"{ref.path}")
     logging.info(
         "init_from %s: loaded %d arrays; %d start fresh (%s); dropped %s.",
         ref.path,
