@@ -393,8 +393,8 @@ def host_variables(state: TrainState) -> dict[str, Any]:
 
 @jax.jit
 def _unstack(state: TrainState) -> TrainState:
-    # One program slices every stacked leaf; each slice keeps its leaf's sharding but the block axis
-    # (which is never sharded), so an FSDP state stays sharded while it is written.
+    # One program slices every stacked leaf (compiled at the first save). The block axis is never
+    # sharded, so XLA's sharding propagation leaves each slice sharded as its leaf was.
     return block_layout.unstack(state)
 
 
