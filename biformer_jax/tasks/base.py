@@ -54,7 +54,10 @@ class Task(Protocol):
         """Checks config.init_from's checkpoint against `meta` (before anything compiles) and returns
         (fresh state, shardings) -> the state with its weights. Another architecture is refused with
         its differences, except where the task defines a legitimate change (a classifier's width; a
-        classifier's backbone under a segmentation model, merged by name)."""
+        classifier's backbone under a segmentation model, merged by name). A scanning model's state
+        keeps each stage's blocks stacked (models.block_layout): merge into
+        `training.checkpoint.host_variables(state)` (per block, as checkpoints are) and place the
+        result with `training.checkpoint.with_variables`, which stacks it."""
 
     def bind_train_step(self, config, model, tx, schedule, info) -> Callable:
         """(state, global batch) -> (state, training.metrics.TrainMetrics); pure, not jitted (the
