@@ -105,9 +105,11 @@ def get_base_config(model: str, *, drop_path_rate: float, recipe: str = "biforme
     # The running statistics are the first group's (DDP broadcasts rank 0's buffers every step).
     config.bn_group_size = 128
     # True: each stage's blocks as one lax.scan in the training step (the model's scan_blocks; same
-    # numbers, same checkpoints). Off by default: on an H200 the scanned BiFormer-S/B step compiles in
-    # 0.40x / 0.42x the time but runs 1.16x / 1.18x slower (README "Scanned blocks"); turn it on where
-    # compiles dominate (sweeps, short runs, CPU).
+    # numbers, same checkpoints; the train state keeps each stage's blocks stacked). Off by default: on
+    # an H200 the scanned BiFormer-S/B step compiled in 0.40x / 0.42x the time but ran 1.16x / 1.18x
+    # slower, measured before the stacked state (on the 2-core CPU now 0.37-0.42x the compile at
+    # 0.95-1.04x the step; README "Scanned blocks"); turn it on where compiles dominate (sweeps,
+    # short runs, CPU).
     config.scan_blocks = False
 
     if recipe == "debiformer":
