@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+PER_BLOCK = "_per_block_state"  # a variant key of this script, not a model argument
+
+
 def layout(state, kw: dict):
     """The state in the layout the trainer gives the variant: each stage's blocks stacked for a
     scanning model (`block_layout`), unless the variant asks for the per-block one."""
@@ -91,9 +94,6 @@ def layout(state, kw: dict):
 
 def model_kwargs(kw: dict) -> dict:
     return {k: v for k, v in kw.items() if k != PER_BLOCK}
-
-
-PER_BLOCK = "_per_block_state"  # a variant key of this script, not a model argument
 
 
 class Step(CompiledBench):

@@ -83,14 +83,14 @@ def stack(tree: Any, stack_fn: Callable | None = None) -> Any:
     (d, *block's shape). Host numpy leaves are stacked with numpy, others with jnp (`stack_fn`
     overrides: leaves... -> stacked leaf)."""
     fn = stack_fn or _stack_leaves
-    return jax.tree.map(lambda x: _stack_dict(x, fn) if _has(BLOCK_KEY, x) else x, tree, is_leaf=_is_block_dict)
+    return jax.tree.map(lambda x: _stack_dict(x, fn) if _is_block_dict(x) else x, tree, is_leaf=_is_block_dict)
 
 
 def unstack(tree: Any, take: Callable[[Any, int], Any] | None = None) -> Any:
     """Stacked -> per-block: `stages_i` becomes `stages_i_0 ... stages_i_{d-1}`, block j's leaf
     `take(leaf, j)` (default `leaf[j]`; `abstract_take` for shapes)."""
     fn = take or (lambda a, j: a[j])
-    return jax.tree.map(lambda x: _unstack_dict(x, fn) if _has(STAGE_KEY, x) else x, tree, is_leaf=_is_stage_dict)
+    return jax.tree.map(lambda x: _unstack_dict(x, fn) if _is_stage_dict(x) else x, tree, is_leaf=_is_stage_dict)
 
 
 def abstract_take(a: Any, j: int) -> jax.ShapeDtypeStruct:
@@ -119,9 +119,7 @@ def _is_stage_dict(x: Any) -> bool:
 
 def is_stacked(tree: Any) -> bool:
     """Whether any dict in `tree` holds a stacked stage."""
-    found = []
-    jax.tree.map(lambda x: found.append(_has(STAGE_KEY, x)), tree, is_leaf=_is_stage_dict)
-    return any(found)
+    return any(_is_stage_dict(x) for x in jax.tree.leaves(tree, is_leaf=_is_stage_dict))
 
 
 def in_stacked_stage(path: tuple) -> bool:
