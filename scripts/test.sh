@@ -28,5 +28,6 @@ fi
 export JAX_COMPILATION_CACHE_DIR
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.5}"
 export JAX_COMPILATION_CACHE_MAX_SIZE="${JAX_COMPILATION_CACHE_MAX_SIZE:-$((16 * 1024 * 1024 * 1024))}"
-# One worker per core, each test file kept on one worker (module fixtures are built once).
-.venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+# One worker per core, each test file kept on one worker (module fixtures are built once), the
+# files handed out heaviest first (tests/conftest.py orders them by tests/file_seconds.json).
+.venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"

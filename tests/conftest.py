@@ -7,8 +7,10 @@ another checkout.
 """
 
 import gc
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from support.xla_flags import xla_flags_for
@@ -41,6 +43,61 @@ def _collect_when_memory_grew():
     if resident_bytes() > _collected_at[0] + COLLECT_AFTER_GROWTH:
         gc.collect()
         _collected_at[0] = resident_bytes()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--file-seconds-out",
+        default=None,
+        help="write each test file's seconds (setup + call + teardown of its tests) as JSON to this "
+        "path at the end of the run: the table FILE_SECONDS orders the files by "
+        "(scripts/test.sh --file-seconds-out=tests/file_seconds.json refreshes it)",
+    )
+
+
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The test files heaviest first, by their seconds in the last measured run (FILE_SECONDS).
+
+    scripts/test.sh hands whole files to its two workers in collection order (`--dist loadfile
+    --no-loadscope-reorder`): the longest first leaves only short files for the end, so the two
+    workers finish together (longest-processing-time-first). xdist's own order (most tests
+    first) left the long single-test files (two-process training, the gs:// workdir, the Mask
+    R-CNN task) for last: simulated from the 2026-12-07 run's durations, one worker finished
+    ~170 s before the other. A file missing from the table counts as the heaviest (it starts
+    early); the order within a file is kept.
+    """
+    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    heaviest = max(seconds.values(), default=0.0) + 1.0
+
+    def weight(item) -> float:
+        return -seconds.get(_file_of(item), heaviest)
+
+    items.sort(key=weight)  # stable: each file's tests stay together and in order
+
+
+def _file_of(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+_file_seconds: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    # Under xdist the controller receives every worker's reports: the table covers the whole run.
+    name = _file_of(report)
+    _file_seconds[name] = _file_seconds.get(name, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--file-seconds-out")
+    if path and not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        table = {name: round(s, 1) for name, s in sorted(_file_seconds.items(), key=lambda e: -e[1])}
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        tmp.replace(path)  # whole or not at all
 
 
 @pytest.fixture(scope="session")
