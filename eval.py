@@ -21,7 +21,7 @@ from biformer_jax import cli, data, tasks
 from biformer_jax.data.detection.coco import CocoFormatError
 from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
-from biformer_jax.training import checkpoint
+from biformer_jax.training import checkpoint, checkpoint_manager
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -39,7 +39,7 @@ flags.mark_flags_as_required(["config", "checkpoint"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     try:
         results = tasks.get(_CONFIG.value).evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
     except (

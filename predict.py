@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from biformer_jax import tasks
 from biformer_jax.tasks.classification import inference
 from biformer_jax.tasks.classification import predict as predict_lib
-from biformer_jax.training import checkpoint
+from biformer_jax.training import checkpoint, checkpoint_manager
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory or train.py workdir.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,7 +72,7 @@ def _detect(paths):
 
 
 def main(argv):
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     try:
         paths = predict_lib.list_images(argv[1:])
         _, record = inference.checkpoint_record(_CHECKPOINT.value)

@@ -16,7 +16,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from biformer_jax import cli, tasks
-from biformer_jax.training import checkpoint, sweeps, train_lib
+from biformer_jax.training import checkpoint_manager, sweeps, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config (configs/*.py[:arg]).", lock_config=True
@@ -35,7 +35,7 @@ def _train(config, workdir: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     points = sweeps.load_sweep(_SWEEP.value)
     for point in points:
         sweeps.apply_overrides(_CONFIG.value, point)  # fail on a bad field before any training

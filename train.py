@@ -20,7 +20,7 @@ from biformer_jax import cli, data, tasks
 from biformer_jax.data.detection.coco import CocoFormatError
 from biformer_jax.data.segmentation.sources import SegDataError
 from biformer_jax.models.from_config import CheckpointMismatchError
-from biformer_jax.training import checkpoint, distributed, preemption, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, distributed, preemption, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -42,7 +42,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     distributed.initialize(
         _DISTRIBUTED.value,
         coordinator_address=_COORDINATOR.value,

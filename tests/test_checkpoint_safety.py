@@ -20,7 +20,7 @@ from support import train_testlib
 from biformer_jax import models, tasks
 from biformer_jax.models import from_config, spec
 from biformer_jax.tasks.classification import evaluate as eval_lib
-from biformer_jax.training import checkpoint, restore, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, restore, train_lib
 from biformer_jax.training.train_state import TrainState
 
 MICRO = {"model": "biformer_micro", "model_kwargs": {"depth": [1, 1, 1, 1], "num_classes": 10}}
@@ -76,7 +76,7 @@ def _corrupt(step_dir) -> None:
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_kept_step(tmp_path, caplog):
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
     _save(manager, [(1, 1.0), (2, 2.0)])
     _corrupt(tmp_path / "checkpoints" / "2")
     with caplog.at_level("WARNING"):
@@ -93,7 +93,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_kept_step(tmp_p
 
 
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
     _save(manager, [(1, 1.0)])
     _corrupt(tmp_path / "checkpoints" / "1")
     with pytest.raises(checkpoint.CheckpointReadError, match=r"None of the checkpoints .* can be read"):
@@ -103,7 +103,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
 
 
 def test_a_model_mismatch_is_not_mistaken_for_damage(tmp_path):
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
     _save(manager, [(1, 1.0)])
     bigger = jax.tree.map(lambda s: jax.ShapeDtypeStruct((5,), s.dtype, sharding=s.sharding), _abstract())
     bigger = bigger.replace(step=_abstract().step, rng=_abstract().rng)
@@ -116,13 +116,13 @@ def test_a_model_mismatch_is_not_mistaken_for_damage(tmp_path):
 def test_resume_is_refused_when_the_workdir_has_checkpoints_of_its_own(tmp_path):
     config = train_testlib.micro_config(resume=str(tmp_path / "other_run"))
     meta = {**from_config.model_meta(config, 10), "resume": ""}
-    manager = checkpoint.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
     _save(manager, [(2, 1.0)], meta=meta)
     with pytest.raises(checkpoint.CheckpointError, match=r"config.resume=.* already has its own checkpoints"):
         train_lib.initial_state(config, manager, None, None, None, meta={**meta, "resume": config.resume})
     manager.close()
     # The same command re-run after a preemption (its checkpoints started from that resume) is fine.
-    manager = checkpoint.create_manager(tmp_path / "resumed", _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path / "resumed", _ckpt_cfg(), best_metric="")
     _save(manager, [(2, 1.0)], meta={**meta, "resume": config.resume})
     restore.check_own_checkpoint(config, manager, {**meta, "resume": config.resume})
     manager.close()
@@ -145,7 +145,7 @@ def test_init_from_that_is_no_checkpoint_names_the_problem(tmp_path, make, expec
 
 
 def test_a_step_without_its_train_item_cannot_be_resumed(tmp_path):
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
     _save(manager, [(1, 1.0)])
     manager.close()
     step_dir = tmp_path / "checkpoints" / "1"
@@ -191,7 +191,7 @@ def test_train_py_prints_one_line_for_a_bad_init_from(tmp_path):
     ],
 )
 def test_best_checkpoint_retention_keeps_the_best(tmp_path, metric, values, kept_best):
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(keep=1, keep_best=True), best_metric=metric)
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(keep=1, keep_best=True), best_metric=metric)
     _save(manager, [(s, float(s)) for s in values], metrics={s: {metric: v} for s, v in values.items()})
     manager.close()
     assert _step_dirs(tmp_path / "checkpoints") == sorted({kept_best, "4"})  # the best + the latest
@@ -228,7 +228,7 @@ def test_defaults_and_variant_names_are_not_differences():
 
 
 def _workdir_with(tmp_path, meta) -> checkpoint.CheckpointRef:
-    manager = checkpoint.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, _ckpt_cfg(), best_metric="")
     _save(manager, [(1, 1.0)], meta=meta)
     manager.close()
     return checkpoint.resolve(tmp_path)
@@ -241,11 +241,11 @@ def test_resume_init_from_and_eval_stop_on_another_architecture(tmp_path):
     _workdir_with(tmp_path / "run", recorded)
     expected = r"another architecture.*\n  pre_norm: checkpoint False, config True\n  topks: checkpoint \[1, 1, 1, -2\]"
 
-    manager = checkpoint.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path / "run", _ckpt_cfg(), best_metric="")
     with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # the workdir's own (restart)
         train_lib.initial_state(config, manager, None, None, None, meta=meta)
     manager.close()
-    empty = checkpoint.create_manager(tmp_path / "fresh", _ckpt_cfg(), best_metric="")
+    empty = checkpoint_manager.create_manager(tmp_path / "fresh", _ckpt_cfg(), best_metric="")
     with pytest.raises(restore.ArchitectureMismatchError, match=expected):  # config.resume
         train_lib.initial_state(
             train_testlib.micro_config(resume=str(tmp_path / "run")), empty, None, None, None, meta=meta

@@ -26,7 +26,7 @@ from biformer_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from biformer_jax.export import common
 from biformer_jax.export import stablehlo as stablehlo_export
 from biformer_jax.tasks.classification import inference
-from biformer_jax.training import checkpoint, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, train_lib
 
 ROOT = train_testlib.ROOT
 ODD_SIZE = (45, 29)  # (width, height): neither square nor the model's 32
@@ -37,7 +37,7 @@ def workdir(tmp_path_factory, compilation_cache):
     config = train_testlib.micro_config()
     path = tmp_path_factory.mktemp("quickstart") / "run"
     run = train_lib.setup(config, tasks.get(config))
-    manager = checkpoint.create_manager(str(path), config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(str(path), config.checkpoint, best_metric="")
     try:
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
         checkpoint.save_train_state(manager, state, step=1, meta=run.meta)

@@ -14,7 +14,7 @@ from support import train_testlib, xla_flags
 from biformer_jax import data, models, tasks
 from biformer_jax.models import biformer, block_layout, stages
 from biformer_jax.models.layers import BatchNorm
-from biformer_jax.training import checkpoint, optim, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, optim, train_lib
 from biformer_jax.training import metrics as metrics_lib
 
 # model, constructor overrides (a stage of depth >= 3, drop path and dropout on), input (H, W)
@@ -219,11 +219,11 @@ def test_a_run_resumes_across_the_switch(tmp_path, monkeypatch, micro_config):
     # init_from a per-block checkpoint into a scanning model's stacked state: the same weights.
     config = micro_config(scan_blocks=True, init_from=str(tmp_path / "straight"), **kw)
     run = train_lib.setup(config, tasks.get(config))
-    manager = checkpoint.create_manager(tmp_path / "init_from", config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path / "init_from", config.checkpoint, best_metric="")
     try:
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     finally:
-        checkpoint.close_manager(manager)
+        checkpoint_manager.close_manager(manager)
     assert "stages_1" in state.params and "stages_1" in state.ema_params
     want = checkpoint.load_variables(tmp_path / "straight")
     jax.tree.map(np.testing.assert_array_equal, checkpoint.host_variables(state), want)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 from support import train_testlib
 
 from biformer_jax import data, tasks
-from biformer_jax.training import checkpoint, sharding, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, sharding, train_lib
 
 NUM_STEPS = 3
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring
@@ -43,7 +43,7 @@ def _config(data_axis: int, fsdp_axis: int, **overrides):
 def _train(config, num_devices: int, tmp_path, num_steps: int = NUM_STEPS):
     """(per-step losses, final state, the Setup) of num_steps steps on the first num_devices devices."""
     run = train_lib.setup(config, tasks.get(config), devices=jax.devices()[:num_devices])
-    manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, config.checkpoint, best_metric="")
     try:
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     finally:
@@ -148,7 +148,7 @@ def test_sharded_run_at_the_production_eps_equals_single_device(tmp_path_factory
 def test_state_is_created_sharded_and_donated(tmp_path):
     config = _config(2, 4)
     run = train_lib.setup(config, tasks.get(config))
-    manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, config.checkpoint, best_metric="")
     try:
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     finally:
@@ -176,7 +176,7 @@ def test_checkpoint_of_sharded_state_saves_without_compiling_and_restores(tmp_pa
     and restores bit-exactly onto the same shardings."""
     config = _config(2, 4)
     run = train_lib.setup(config, tasks.get(config))
-    manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, config.checkpoint, best_metric="")
     compiles = []
 
     def on_event(event, duration, **kwargs):
@@ -216,7 +216,7 @@ def test_stacked_state_shards_like_its_blocks_and_checkpoints_per_block(tmp_path
     assert [s.spec for _, s in stacked_specs] == [PartitionSpec(None, *s.spec) for s in block_specs]
     assert sum("fsdp" in tuple(s.spec) for _, s in stacked_specs) >= 4, stacked_specs
 
-    manager = checkpoint.create_manager(tmp_path, config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path, config.checkpoint, best_metric="")
     try:
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
         batch = next(

@@ -17,7 +17,7 @@ from tensorboard.util import tensor_util
 from biformer_jax import data, models, tasks
 from biformer_jax.convert import files as convert_files
 from biformer_jax.tasks.classification import evaluate as eval_lib
-from biformer_jax.training import checkpoint, restore, sweeps, train_lib
+from biformer_jax.training import checkpoint, checkpoint_manager, restore, sweeps, train_lib
 from biformer_jax.training import metrics as metrics_lib
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
@@ -204,7 +204,7 @@ def test_init_from_reinitialises_a_classifier_of_another_size(tmp_path, caplog, 
     config.init_from = str(tmp_path / "pretrained")
     config.lock()
     run = train_lib.setup(config, tasks.get(config))
-    manager = checkpoint.create_manager(tmp_path / "ft", config.checkpoint, best_metric="")
+    manager = checkpoint_manager.create_manager(tmp_path / "ft", config.checkpoint, best_metric="")
     with caplog.at_level("WARNING"):
         state = train_lib.initial_state(config, manager, run.init_fn, run.abstract, run.shardings, task=run.task)
     manager.close()

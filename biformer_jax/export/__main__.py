@@ -21,7 +21,7 @@ import sys
 
 from biformer_jax.export import common
 from biformer_jax.tasks.classification import inference
-from biformer_jax.training import checkpoint
+from biformer_jax.training import checkpoint, checkpoint_manager
 
 FORMATS = ("stablehlo", "onnx")
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.format not in FORMATS:
         print(f"error: --format={args.format!r} is not one of {', '.join(FORMATS)}.", file=sys.stderr)
         return 2
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     try:
         loaded = inference.load(
             args.checkpoint,

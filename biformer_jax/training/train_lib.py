@@ -32,7 +32,7 @@ from clu import parameter_overview
 
 from biformer_jax.models import block_layout, from_config
 from biformer_jax.ops.pallas_dispatch import kernels_see_mesh
-from biformer_jax.training import checkpoint, preemption, progress, restore, sharding, writers
+from biformer_jax.training import checkpoint, checkpoint_manager, preemption, progress, restore, sharding, writers
 from biformer_jax.training import metrics as metrics_lib
 from biformer_jax.training.train_state import TrainState, init_train_state
 
@@ -212,13 +212,13 @@ def train_and_evaluate(config, workdir: str, task) -> dict[str, float]:
     run = setup(config, task)
     workdir.mkdir(parents=True, exist_ok=True)
     best_metric = config.checkpoint.best_metric if config.checkpoint.keep_best else ""
-    manager = checkpoint.create_manager(workdir, config.checkpoint, best_metric=best_metric)
+    manager = checkpoint_manager.create_manager(workdir, config.checkpoint, best_metric=best_metric)
     try:
         with preemption.Watcher() as watcher:
             return _train_loop(config, workdir, run, manager, best_metric, watcher)
     finally:
         # Also on an exception: a save already under way completes (it holds a good state).
-        checkpoint.close_manager(manager)
+        checkpoint_manager.close_manager(manager)
 
 
 def _train_loop(config, workdir: str, run: Setup, manager, best_metric: str, watcher) -> dict[str, float]:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from biformer_jax.plot import save_figure
-from biformer_jax.training import checkpoint
+from biformer_jax.training import checkpoint, checkpoint_manager
 from biformer_jax.visualize import drawing, inputs, routes, saliency
 
 
@@ -157,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     command = {"routes": cmd_routes, "gradcam": cmd_gradcam, "erf": cmd_erf}[args.command]
     try:
         summary = command(args)

@@ -30,7 +30,7 @@ from biformer_jax.data.sources import IMAGE_EXTENSIONS, DatasetNotPreparedError
 from biformer_jax.tasks.segmentation.checkpoint_eval import load_model_and_variables
 from biformer_jax.tasks.segmentation.evaluate import local_copy
 from biformer_jax.tasks.segmentation.inference import Segmenter
-from biformer_jax.training import checkpoint
+from biformer_jax.training import checkpoint, checkpoint_manager
 
 
 def palette(class_names) -> np.ndarray:
@@ -119,7 +119,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output file
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    checkpoint.quiet_orbax_logging()
+    checkpoint_manager.quiet_orbax_logging()
     for flag in (_CONFIG, _CHECKPOINT, _INPUT, _OUTPUT):
         if flag.value is None:
             raise app.UsageError(f"--{flag.name} is required.")
