@@ -289,7 +289,7 @@ def with_variables(state: TrainState, variables: Mapping[str, Any], shardings: T
 
 
 # ---------------------------------------------------------------------------------------
-# train.py's CheckpointManager
+# A train state in train.py's checkpoints (the manager: training/checkpoint_manager.py)
 
 
 def _train_item(state: TrainState) -> dict[str, Any]:
