@@ -97,10 +97,10 @@ def abstract_take(a: Any, j: int) -> jax.ShapeDtypeStruct:
     """Block j's shape of a stacked leaf (array or ShapeDtypeStruct), with its sharding less the
     block axis (which the FSDP rule never shards: `sharding.state_shardings`)."""
     del j
-    try:
-        sharding = getattr(a, "sharding", None)
-    except Exception:  # a tracer under jit has none to give
-        sharding = None
+    # A tracer has no sharding to give, and asking builds an error message that walks the whole
+    # program being traced: ~12 ms per leaf in BiFormer-S's scanned train step, 5.6 s over the
+    # 476 stacked leaves the weight-decay mask (`per_block_mask`) reads on every trace.
+    sharding = None if isinstance(a, jax.core.Tracer) else getattr(a, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (len(a.shape) - len(sharding.spec))
         if spec[0] is not None:
