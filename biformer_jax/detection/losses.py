@@ -39,3 +39,9 @@ def weighted_sum(loss: jax.Array, weight: jax.Array, avg_factor) -> jax.Array:
 def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Elementwise `|pred - target|`. Static shapes: unchanged."""
     return jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+
+
+def bce_with_logits(x: jax.Array, t: jax.Array) -> jax.Array:
+    """PyTorch's `binary_cross_entropy_with_logits`, elementwise and stable (mmdet's sigmoid
+    `CrossEntropyLoss`: the RPN's classes, the mask head's per-pixel targets)."""
+    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))

@@ -51,12 +51,12 @@ import numpy as np
 from flax import linen as nn
 
 from biformer_jax.detection import AnchorGenerator, DeltaXYWHBBoxCoder, MaxIoUAssigner, multiclass_nms
-from biformer_jax.detection.roi_align import roi_align
+from biformer_jax.detection.losses import bce_with_logits
 from biformer_jax.detection.sampler import RandomSampler
 from biformer_jax.models.detection import rpn_head as rpn
 from biformer_jax.models.detection.fpn import DetFPN
 from biformer_jax.models.detection.retinanet import _frozen_batchnorm, _input_sizes
-from biformer_jax.models.detection.roi_heads import RoIHead, paste_masks
+from biformer_jax.models.detection.roi_heads import RoIHead, mask_targets, paste_masks
 from biformer_jax.models.layers import Dtype
 from biformer_jax.models.segmentation.backbone import BACKBONES
 
@@ -307,11 +307,6 @@ def detect(model: MaskRCNN, variables, x: jax.Array, image_sizes: Optional[jax.A
     return detections_from_proposals(model, variables, fpn, props, sizes, (x.shape[1], x.shape[2]))
 
 
-def _bce_with_logits(x: jax.Array, t: jax.Array) -> jax.Array:
-    # PyTorch's binary_cross_entropy_with_logits, elementwise and stable
-    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-
-
 def rpn_losses(model: MaskRCNN, rpn_cls_scores, rpn_bbox_preds, gt_bboxes, gt_valid, pad_sizes, key):
     """mmdet's `RPNHead.loss` (AnchorHead with sampling): every anchor inside its image's padded size
     (`allowed_border=-1`) assigned and sampled; sigmoid BCE over the sampled anchors and L1 over the
@@ -335,7 +330,7 @@ def rpn_losses(model: MaskRCNN, rpn_cls_scores, rpn_bbox_preds, gt_bboxes, gt_va
     avg = (jnp.sum(jnp.maximum(jnp.sum(pos, 1), 1)) + jnp.sum(jnp.maximum(jnp.sum(neg, 1), 1))).astype(jnp.float32)
     logits = jnp.concatenate([m.reshape(n, -1) for m in rpn_cls_scores], axis=1)  # (N, A_total)
     deltas = jnp.concatenate([m.reshape(n, -1, 4) for m in rpn_bbox_preds], axis=1)  # (N, A_total, 4)
-    bce = _bce_with_logits(logits.astype(jnp.float32), pos.astype(jnp.float32))
+    bce = bce_with_logits(logits.astype(jnp.float32), pos.astype(jnp.float32))
     loss_cls = jnp.sum(jnp.where(pos | neg, bce, 0.0)) / avg
     loss_bbox = jnp.sum(jnp.where(pos[..., None], jnp.abs(deltas - targets), 0.0)) / avg
     return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox, "num_rpn_samples": avg}
@@ -367,18 +362,6 @@ def _sample_rois(model: MaskRCNN, props: rpn.Proposals, gt_bboxes, gt_labels, gt
 
     keys = jax.random.split(key, props.boxes.shape[0])
     return jax.vmap(one_image)(props.boxes, props.count, gt_bboxes, gt_labels, gt_valid, keys)
-
-
-def mask_targets(gt_masks: jax.Array, rois: jax.Array, gt_index: jax.Array, mask_size: int = 28) -> jax.Array:
-    """mmdet's `BitmapMasks.crop_and_resize` of one image: (G, H, W) masks, (K, 4) rois, (K,) index
-    of each roi's ground truth -> (K, M, M) float {0, 1}: RoIAlign (scale 1, aligned) of the mask, >= 0.5."""
-
-    def one(args):
-        roi, g = args
-        m = jax.lax.dynamic_index_in_dim(gt_masks, g, keepdims=False).astype(jnp.float32)[..., None]
-        return roi_align(m, roi[None], mask_size, 1.0, windows=())[0, ..., 0]  # dense: run under vmap
-
-    return (jax.lax.map(one, (rois, gt_index)) >= 0.5).astype(jnp.float32)
 
 
 def losses_from_outputs(
@@ -439,7 +422,7 @@ def losses_from_outputs(
     logits = mask_logits(model, variables, fpn, mrois, mlabels)  # (N, K, 28, 28)
     targets = jax.vmap(lambda gm, r, g: mask_targets(gm, r, g, cfg.mask_size))(jnp.asarray(gt_masks), mrois, mgt)
     num_pos = jnp.sum(mpos)
-    bce = jnp.where(mpos[..., None, None], _bce_with_logits(logits, targets), 0.0)
+    bce = jnp.where(mpos[..., None, None], bce_with_logits(logits, targets), 0.0)
     out["loss_mask"] = jnp.where(num_pos > 0, jnp.sum(bce) / (jnp.maximum(num_pos, 1) * cfg.mask_size**2), 0.0)
     out["num_rois"] = num_sampled
     out["num_pos_rois"] = jnp.sum(pos).astype(jnp.float32)

@@ -6,7 +6,8 @@ RoI features flattened in PyTorch's (C, H, W) order, `shared_fcs_0/1` (1024 + Re
 `fc_cls` (C + 1 logits, the last one background) and `fc_reg` (C * 4 class-specific deltas,
 class-major)), `mask_heads/fcn_mask_head.py` (`FCNMaskHead`: 4 x (3x3 conv + ReLU, `convs_i/conv`),
 `upsample` = `ConvTranspose2d(k=2, stride=2)` + ReLU, 1x1 `conv_logits` to C maps; pasting:
-`_do_paste_mask` on the CPU path) and `roi_extractors/single_level_roi_extractor.py`.
+`_do_paste_mask` on the CPU path; its targets: `mask_target`, `BitmapMasks.crop_and_resize`)
+and `roi_extractors/single_level_roi_extractor.py`.
 
 Init as mmdet's: shared fcs xavier-uniform, `fc_cls` normal(0, 0.01), `fc_reg` normal(0, 0.001),
 mask convs kaiming-normal (fan_out, ReLU), zero biases.
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from biformer_jax.detection.roi_align import multi_level_roi_align
+from biformer_jax.detection.roi_align import multi_level_roi_align, roi_align
 from biformer_jax.models.detection.fpn import Conv2d, ConvModule
 from biformer_jax.models.layers import Dtype
 
@@ -173,3 +174,15 @@ def paste_masks(
         return (value >= jnp.float32(threshold)) & wy[:, None] & wx[None, :]
 
     return jax.vmap(one)(probs, boxes)
+
+
+def mask_targets(gt_masks: jax.Array, rois: jax.Array, gt_index: jax.Array, mask_size: int = 28) -> jax.Array:
+    """mmdet's `BitmapMasks.crop_and_resize` of one image: (G, H, W) masks, (K, 4) rois, (K,) index
+    of each roi's ground truth -> (K, M, M) float {0, 1}: RoIAlign (scale 1, aligned) of the mask, >= 0.5."""
+
+    def one(args):
+        roi, g = args
+        m = jax.lax.dynamic_index_in_dim(gt_masks, g, keepdims=False).astype(jnp.float32)[..., None]
+        return roi_align(m, roi[None], mask_size, 1.0, windows=())[0, ..., 0]  # dense: run under vmap
+
+    return (jax.lax.map(one, (rois, gt_index)) >= 0.5).astype(jnp.float32)
