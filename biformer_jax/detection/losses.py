@@ -14,6 +14,13 @@ import jax
 import jax.numpy as jnp
 
 
+def bce_with_logits(x: jax.Array, t: jax.Array) -> jax.Array:
+    """PyTorch's `binary_cross_entropy_with_logits`, elementwise and stable: (1 - t) x + log(1 +
+    exp(-x)) (mmdet's sigmoid `CrossEntropyLoss`: the RPN's classes, the mask head's per-pixel
+    targets; the focal loss's cross entropy)."""
+    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0, alpha: float = 0.25) -> jax.Array:
     """Elementwise focal loss of logits (..., C) against {0, 1} targets (..., C) (one-hot,
     background all zeros): `BCE_with_logits(x, t) * (alpha t + (1 - alpha)(1 - t)) * pt**gamma`,
@@ -23,9 +30,7 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0
     p = jax.nn.sigmoid(x)
     pt = (1 - p) * t + p * (1 - t)
     weight = (alpha * t + (1 - alpha) * (1 - t)) * pt**gamma
-    # PyTorch's binary_cross_entropy_with_logits: (1 - t) x + log(1 + exp(-x)), stably.
-    bce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return bce * weight
+    return bce_with_logits(x, t) * weight
 
 
 def weighted_sum(loss: jax.Array, weight: jax.Array, avg_factor) -> jax.Array:
@@ -39,9 +44,3 @@ def weighted_sum(loss: jax.Array, weight: jax.Array, avg_factor) -> jax.Array:
 def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     """Elementwise `|pred - target|`. Static shapes: unchanged."""
     return jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
-
-
-def bce_with_logits(x: jax.Array, t: jax.Array) -> jax.Array:
-    """PyTorch's `binary_cross_entropy_with_logits`, elementwise and stable (mmdet's sigmoid
-    `CrossEntropyLoss`: the RPN's classes, the mask head's per-pixel targets)."""
-    return jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
